@@ -1,0 +1,49 @@
+"""Epoch order and sharding shared by the loaders: a pure function of (seed, epoch, rank).
+
+Every epoch's order is ``torch.randperm`` under a generator seeded with ``seed`` and ``epoch``,
+so a run resumed at epoch ``e`` sees exactly the order an uninterrupted run sees, never epoch 0's
+again. For ``world_size > 1`` the permutation is cut to a multiple of the world size (like
+``DistributedSampler(drop_last=True)``) and rank ``r`` takes every ``world_size``-th index from
+``r``, so shards are disjoint and equal in size.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def epoch_seed(seed: int, epoch: int, *more: int) -> int:
+    """A well-mixed 63-bit seed from ``(seed, epoch, *more)`` (numpy ``SeedSequence``)."""
+    return int(np.random.SeedSequence([seed, epoch, *more]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def shard_order(num_samples: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                shuffle: bool = True) -> list[int]:
+    """Indices this rank reads in ``epoch``.
+
+    Raises:
+        ValueError: ``rank`` outside ``[0, world_size)``.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    if shuffle:
+        g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        order = torch.randperm(num_samples, generator=g).tolist()
+    else:
+        order = list(range(num_samples))
+    usable = num_samples - num_samples % world_size
+    return order[:usable][rank::world_size]
+
+
+def check_batch_size(batch_size: int, shard_size: int, what: str) -> int:
+    """Batches per epoch (last partial batch dropped).
+
+    Raises:
+        ValueError: ``batch_size < 1`` or larger than the shard, which would give no batch at all.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if batch_size > shard_size:
+        raise ValueError(f"batch size {batch_size} is larger than the {shard_size} images of {what}; "
+                         f"lower -b/--batch-size or add data")
+    return shard_size // batch_size

@@ -1,0 +1,131 @@
+"""The baseline loader: ImageFolder files + torchvision.transforms.v2 + DataLoader.
+
+Two views per image with the official SimSiam augmentation (``pipeline.augment``), applied in
+DataLoader workers. Augmentation randomness is a pure function of ``(seed, epoch, image index)``:
+each sample's two views are drawn under ``torch.random.fork_rng`` seeded from that triple, so
+the result does not depend on the number of workers, on persistent workers, or on resuming.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from .augment import AugmentConfig
+from .batch import TwoViewBatch
+from .device import to_training_layout
+from .imagefolder import ImageList, scan_image_folder
+from .sampling import check_batch_size, epoch_seed, shard_order
+
+
+def view_transform(aug: AugmentConfig) -> v2.Compose:
+    """One view of the SimSiam recipe as torchvision v2 ops on a PIL image → ``(3, S, S)`` float32.
+
+    Order and constants as the official ``main_simsiam.py`` (see :mod:`pipeline.augment`); the
+    blur uses torchvision's ``GaussianBlur`` with ``aug.blur_kernel`` taps and σ ~ U(blur_sigma).
+    """
+    ops: list = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(aug.size, scale=aug.crop_scale, ratio=aug.crop_ratio, antialias=True),
+        v2.RandomApply([v2.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)], p=aug.jitter_p),
+        v2.RandomGrayscale(p=aug.grayscale_p),
+    ]
+    if aug.blur_p > 0:
+        ops.append(v2.RandomApply([v2.GaussianBlur(aug.blur_kernel, sigma=aug.blur_sigma)], p=aug.blur_p))
+    ops += [
+        v2.RandomHorizontalFlip(p=aug.flip_p),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(aug.mean), std=list(aug.std)),
+    ]
+    return v2.Compose(ops)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image file to an RGB PIL image (grey, CMYK, palette and RGBA converted)."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+class TwoViewDataset(Dataset):
+    """Indexed by ``(image index, epoch)``; returns ``(view1, view2, label)``, views ``(3, S, S)`` float32."""
+
+    def __init__(self, images: ImageList, aug: AugmentConfig, seed: int):
+        self.samples, self.seed = images.samples, seed
+        self.transform = view_transform(aug)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(epoch_seed(self.seed, epoch, index))
+            return self.transform(img), self.transform(img), label
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, epoch)`` in this rank's order for the current epoch (see :mod:`pipeline.sampling`)."""
+
+    def __init__(self, num_samples: int, seed: int, rank: int, world_size: int):
+        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+        self.epoch = 0
+
+    def __iter__(self):
+        order = shard_order(self.num_samples, self.seed, self.epoch, self.rank, self.world_size)
+        return iter([(i, self.epoch) for i in order])
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size
+
+
+class TorchLoader:
+    """Two-view batches from an ImageFolder split through torchvision + ``DataLoader``.
+
+    Args:
+        data_dir: an ImageFolder split (``<root>/<class>/<image>``) or an :class:`ImageList`.
+        aug: augmentation parameters.
+        batch_size: images per batch per rank (each image gives two views).
+        device: where batches are delivered; pinned memory is used when it is CUDA.
+        workers: DataLoader worker processes (0 decodes in the main process).
+        channels_last: deliver views in ``torch.channels_last`` memory format.
+        seed, rank, world_size: order and sharding (see :mod:`pipeline.sampling`).
+        dtype: dtype of the delivered views (float32; float16/bfloat16 halves the copy).
+        prefetch: batches prefetched per worker.
+
+    Raises:
+        FileNotFoundError, RuntimeError: from :func:`pipeline.imagefolder.scan_image_folder`.
+        ValueError: batch size larger than this rank's shard.
+    """
+
+    def __init__(self, data_dir, aug: AugmentConfig, batch_size: int, device: torch.device | str = "cpu",
+                 workers: int = 2, channels_last: bool = False, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, dtype: torch.dtype = torch.float32, prefetch: int = 2):
+        self.images = data_dir if isinstance(data_dir, ImageList) else scan_image_folder(data_dir)
+        self.device, self.channels_last, self.dtype = torch.device(device), channels_last, dtype
+        self.batch_size, self.aug = batch_size, aug
+        self.sampler = EpochSampler(len(self.images), seed, rank, world_size)
+        self.num_samples = len(self.sampler)
+        self._len = check_batch_size(batch_size, self.num_samples, f"shard {rank} of {self.images.root}")
+        self.loader = DataLoader(
+            TwoViewDataset(self.images, aug, seed), batch_size=batch_size, sampler=self.sampler,
+            num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=True,
+            persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select epoch ``epoch``'s order and augmentation draws (deterministic from the seed)."""
+        self.sampler.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self):
+        for v1, v2_, label in self.loader:
+            yield TwoViewBatch(to_training_layout(v1, self.device, self.channels_last, self.dtype),
+                               to_training_layout(v2_, self.device, self.channels_last, self.dtype),
+                               label.to(self.device, non_blocking=True))
