@@ -11,12 +11,17 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from pipeline.datasets import DEBIAN_DIR, prepare_fashion_mnist
+
+# The image-check cache of pipeline.imagefolder goes to a throw-away folder, not the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="simsiam-test-cache-")
 
 
 def copy_slice(src_root: Path, dst_root: Path, per_class: int) -> Path:
