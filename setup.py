@@ -27,6 +27,6 @@ setup(
         "dali": ["nvidia-dali-cuda130==2.4.0"],
         "ffcv": ["ffcv==1.0.2"],
         "profile": ["torch-tb-profiler==0.4.3"],
-        "dev": ["pytest", "scikit-learn", "torch-tb-profiler==0.4.3"],
+        "dev": ["pytest", "scikit-learn", "scipy", "torch-tb-profiler==0.4.3"],
     },
 )

@@ -1,0 +1,120 @@
+"""Loader-only images/s: FFCV (``pipeline.ffcv_loader``) vs the torch loader on the same real JPEGs.
+
+Both loaders deliver the full SimSiam recipe, two views per image, on the CPU: torch applies
+torchvision v2 per image in DataLoader workers; FFCV decodes + crops + flips in numba threads and
+runs colour jitter / grayscale / blur / normalise batched (``pipeline.gpu_augment``). FFCV's
+numba compilation (first batch) is timed separately and kept out of the rate; so are the first
+``--warmup`` batches of each loader. An extra FFCV row without the colour stage shows what the
+decode + crop + flip alone cost.
+
+Data: the 20 ImageNet JPEGs of the foolbox wheel (512×512, one 1024×683), copied to ``--images``
+files in two classes under ``--work``.
+
+    .venv/bin/python bench/ffcv_compare.py --images 320 --size 224 --batch-size 64 --batches 12
+
+Prints one JSON line per measurement (images/s counts images, each giving two views) and the
+ratio; note the machine's load (``os.getloadavg``) printed with each line: other jobs share the cores.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pipeline.augment import recipe  # noqa: E402
+from pipeline.imagefolder import scan_image_folder  # noqa: E402
+
+
+def photo_folder(work: Path, n: int) -> Path:
+    """``work/photos/train/{a,b}``: the foolbox ImageNet JPEGs copied round-robin to ``n`` files."""
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None:
+        sys.exit("needs the foolbox wheel's photos: pip install --no-deps foolbox")
+    src = sorted((Path(spec.submodule_search_locations[0]) / "data").glob("imagenet_*.jpg"))
+    root = work / "photos" / "train"
+    if root.exists() and sum(1 for _ in root.rglob("*.jpg")) == n:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    for i in range(n):
+        d = root / ("a" if i % 2 == 0 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src[i % len(src)], d / f"{i:05d}_{src[i % len(src)].name}")
+    return root
+
+
+def rate(loader, batches: int, warmup: int) -> tuple[float, float]:
+    """(seconds of the warm-up batches, images/s over the next ``batches``), across epochs if needed."""
+    seen, t0, epoch, t_start = 0, None, 0, time.time()
+    warm_s = 0.0
+    done = 0
+    while done < warmup + batches:
+        loader.set_epoch(epoch)
+        for b in loader:
+            done += 1
+            if done == warmup:
+                warm_s = time.time() - t_start
+                t0 = time.time()
+            elif done > warmup:
+                seen += b.view1.shape[0]
+            if done >= warmup + batches:
+                break
+        epoch += 1
+    return warm_s, seen / (time.time() - t0)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=320)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=12, help="timed batches per loader (after warm-up)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches first (FFCV: includes compilation)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes / FFCV threads")
+    p.add_argument("--write-mode", default="jpg", choices=("jpg", "raw"), help="how FFCV stores the photos")
+    p.add_argument("--work", default="/tmp/ffcv_compare")
+    p.add_argument("--skip-torch", action="store_true")
+    a = p.parse_args(argv)
+
+    threads = torch.get_num_threads()
+    work = Path(a.work)
+    images = scan_image_folder(photo_folder(work, a.images))
+    aug = recipe(a.size)
+    common = dict(aug=aug, batch_size=a.batch_size, workers=a.workers, device="cpu", seed=0)
+    results = {}
+
+    def report(name: str, ips: float, **extra) -> None:
+        results[name] = ips
+        print(json.dumps({"loader": name, "images_per_s": round(ips, 1), "views_per_s": round(2 * ips, 1),
+                          "size": a.size, "batch": a.batch_size, "workers": a.workers,
+                          "loadavg_1m": round(os.getloadavg()[0], 2), **extra}), flush=True)
+
+    if not a.skip_torch:
+        from pipeline.torch_loader import TorchLoader
+        warm, ips = rate(TorchLoader(images, **common), a.batches, a.warmup)
+        report("torch", ips, warmup_s=round(warm, 1))
+
+    from pipeline.ffcv_loader import FfcvLoader
+    from pipeline.gpu_augment import GpuAugment
+    torch.set_num_threads(threads)
+    beton = work / f"photos-{a.images}-{a.write_mode}.beton"
+    ffcv = FfcvLoader(images, beton=beton, write_mode=a.write_mode, jpeg_quality=90, **common)
+    warm, ips = rate(ffcv, a.batches, a.warmup)
+    report("ffcv", ips, warmup_incl_compile_s=round(warm, 1), write_mode=a.write_mode)
+    ffcv.colour = GpuAugment(aug.replace(jitter_p=0, grayscale_p=0, blur_p=0))  # normalise only
+    _, ips = rate(ffcv, a.batches, 1)
+    report("ffcv_decode_crop_flip_only", ips, write_mode=a.write_mode)
+    if "torch" in results:
+        print(json.dumps({"ratio_ffcv_over_torch": round(results["ffcv"] / results["torch"], 2)}))
+
+
+if __name__ == "__main__":
+    main()
