@@ -1,0 +1,114 @@
+"""Loader-only images/s: DALI (``pipeline.dali_loader``) vs the torch loader on the same real JPEGs.
+
+Both loaders deliver two views per image on the CPU with the same number of threads
+(``--workers``: DataLoader worker processes for torch, DALI ``num_threads``). Two recipes:
+
+- ``full``: the SimSiam recipe (crop, p=0.8 colour jitter, p=0.2 grey, p=0.5 blur, flip, normalise);
+- ``decode_crop``: decode + random resized crop + flip + normalise (jitter, grey, blur off), to
+  show what the colour / blur stage costs on the CPU.
+
+The first ``--warmup`` batches of every loader (pipeline build, worker start) are not timed.
+Data: the 20 ImageNet JPEGs of the foolbox wheel (512×512, one 1024×683), copied round-robin to
+``--images`` files in two classes under ``--work``.
+
+    .venv/bin/python bench/dali_compare.py --images 384 --size 224 --batch-size 64 --batches 5 --repeats 2
+
+Prints one JSON line per loader and recipe (``images_per_s`` counts images, each giving two
+views: the best of ``--repeats`` runs; the loaders' runs are interleaved because other jobs
+share the cores, and ``loadavg_1m`` is printed with each line), then the DALI/torch ratios:
+of the best runs, and the median of the paired (same-round) runs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.augment import recipe  # noqa: E402
+from pipeline.imagefolder import scan_image_folder  # noqa: E402
+
+
+def photo_folder(work: Path, n: int) -> Path:
+    """``work/photos/train/{a,b}``: the foolbox ImageNet JPEGs copied round-robin to ``n`` files."""
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None:
+        sys.exit("needs the foolbox wheel's photos: pip install --no-deps foolbox")
+    src = sorted((Path(spec.submodule_search_locations[0]) / "data").glob("imagenet_*.jpg"))
+    root = work / "photos" / "train"
+    if root.exists() and sum(1 for _ in root.rglob("*.jpg")) == n:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    for i in range(n):
+        d = root / ("a" if i % 2 == 0 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src[i % len(src)], d / f"{i:05d}_{src[i % len(src)].name}")
+    return root
+
+
+def rate(loader, batches: int, warmup: int) -> float:
+    """Images/s over ``batches`` batches after ``warmup`` untimed ones (one epoch, then more if needed)."""
+    done, seen, t0, epoch = 0, 0, time.time(), 0
+    while done < warmup + batches:
+        loader.set_epoch(epoch)
+        for b in loader:
+            done += 1
+            if done == warmup:
+                t0 = time.time()
+            elif done > warmup:
+                seen += b.view1.shape[0]
+            if done >= warmup + batches:
+                break
+        epoch += 1
+    return seen / (time.time() - t0)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=384)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=5, help="timed batches per measurement (after warm-up)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes / DALI threads")
+    p.add_argument("--repeats", type=int, default=2, help="measurements per row; the best is kept")
+    p.add_argument("--loaders", default="torch,dali")
+    p.add_argument("--recipes", default="full,decode_crop")
+    p.add_argument("--work", default="/tmp/dali_compare")
+    a = p.parse_args(argv)
+
+    images = scan_image_folder(photo_folder(Path(a.work), a.images))
+    recipes = {"full": recipe(a.size),
+               "decode_crop": recipe(a.size).replace(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)}
+    loaders = a.loaders.split(",")
+    rows = []
+    for rec in a.recipes.split(","):
+        runs = {name: [] for name in loaders}
+        for _ in range(a.repeats):  # loaders interleaved, so each pair of runs sees similar load
+            for name in loaders:
+                if name == "dali":
+                    from pipeline.dali_loader import DaliLoader as cls
+                else:
+                    from pipeline.torch_loader import TorchLoader as cls
+                loader = cls(images, recipes[rec], batch_size=a.batch_size, workers=a.workers, device="cpu", seed=0)
+                runs[name].append(rate(loader, a.batches, a.warmup))
+                del loader
+        for name in loaders:
+            print(json.dumps({"loader": name, "recipe": rec, "images_per_s": round(max(runs[name]), 1),
+                              "runs": [round(r, 1) for r in runs[name]], "size": a.size, "batch": a.batch_size,
+                              "workers": a.workers, "loadavg_1m": round(os.getloadavg()[0], 2)}), flush=True)
+        if {"dali", "torch"} <= set(loaders):
+            paired = sorted(d / t for d, t in zip(runs["dali"], runs["torch"]))
+            rows.append({"recipe": rec, "ratio_dali_over_torch_best": round(max(runs["dali"]) / max(runs["torch"]), 2),
+                         "ratio_paired_median": round(paired[len(paired) // 2], 2)})
+    for row in rows:
+        print(json.dumps(row))
+
+if __name__ == "__main__":
+    main()

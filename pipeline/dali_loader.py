@@ -1,0 +1,191 @@
+"""``--loader dali``: NVIDIA DALI behind the loader interface of :mod:`pipeline.torch_loader`.
+
+Each image is decoded once and augmented twice (:mod:`pipeline.dali_pipeline`). What this
+module adds around the graph:
+
+- **Device choice, in one place** (:func:`dali_placement`): a CUDA training device → nvJPEG
+  decoding (``device='mixed'``) and GPU ops, batches already on that GPU; ``cpu_decode=True`` →
+  CPU decoding, GPU ops (NVIDIA's DeepLearningExamples found CPU decoding faster for heavy
+  networks); a CPU training device → ``device_id=None`` and CPU ops only. A CUDA device that DALI
+  cannot see stops with one sentence (``GetCUDADeviceCount()`` returns 0 without raising).
+- **Order and resume**: every epoch the reader gets this rank's files in the order
+  :func:`pipeline.sampling.shard_order` gives (the torch loader's order), cut to whole batches,
+  and the pipeline is built with seed ``epoch_seed(seed, epoch, rank)``. Epoch ``e`` is
+  therefore a pure function of ``(seed, e, rank)``: a resumed run sees what an uninterrupted run
+  sees (DALI#2849 is DALI's own reader replaying epoch 0's shuffle after a restart). Sharding
+  is done by ``shard_order(rank, world_size)`` too, not by the reader's ``shard_id`` /
+  ``num_shards``: the reader gets only this rank's list, so DALI and torch ranks read the same
+  disjoint shards.
+- **Exact length**: the file list holds ``len(loader) * batch_size`` files, so every epoch has
+  exactly ``len(loader)`` full batches (DALI#2607, Lightning#12956 are off-by-one epochs with
+  DALI's own padding/wrap-around). Rebuilding the pipeline each epoch costs about 2.5 s
+  to the first batch for Fashion-MNIST's 60,000 files on 2 busy CPU cores (measured).
+- **Buffers**: with DALI 2.x's dynamic executor (the default) ``DALIGenericIterator`` hands each
+  output batch to torch by DLPack, and DALI does not reuse that memory while torch holds a
+  reference (without it, the iterator copies into fresh ``torch.empty`` tensors), so a batch
+  kept by the training loop is never overwritten (tested in ``tests/test_dali_loader.py``).
+- **Bad files**: the same :class:`~pipeline.imagefolder.ImageList` as the torch loader, so files PIL
+  cannot decode never reach DALI. A file PIL decodes but DALI does not stops the epoch with a
+  :class:`DaliDecodeError` that names the file (never a hang).
+"""
+from __future__ import annotations
+
+import torch
+from nvidia.dali import backend as dali_backend
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from .augment import AugmentConfig
+from .batch import TwoViewBatch
+from .dali_pipeline import READER, first_undecodable, simsiam_pipeline
+from .device import to_training_layout
+from .imagefolder import ImageList, scan_image_folder
+from .sampling import check_batch_size, epoch_seed, shard_order
+
+
+class DaliDecodeError(RuntimeError):
+    """DALI stopped on a file (usually one PIL decodes but DALI's decoders do not)."""
+
+
+def dali_placement(device: torch.device, cpu_decode: bool = False) -> tuple[int | None, str, str]:
+    """Where DALI decodes and augments for a training ``device``: the one place that decides.
+
+    Returns:
+        ``(device_id, decode_device, op_device)``: ``(None, "cpu", "cpu")`` for a CPU device;
+        ``(gpu index, "mixed", "gpu")`` for CUDA; ``(gpu index, "cpu", "gpu")`` for CUDA with
+        ``cpu_decode``.
+
+    Raises:
+        RuntimeError: ``device`` is CUDA and DALI sees no CUDA GPU (one sentence, no DALI trace).
+    """
+    if device.type == "cpu":
+        return None, "cpu", "cpu"
+    if device.type != "cuda":
+        raise RuntimeError(f"--loader dali delivers batches on the CPU or a CUDA GPU, not on {device}")
+    count = dali_backend.GetCUDADeviceCount()
+    index = torch.cuda.current_device() if device.index is None and count else (device.index or 0)
+    if count == 0 or index >= count:
+        raise RuntimeError(f"--loader dali was asked to decode and augment on {device}, but DALI sees "
+                           f"{count} CUDA GPU(s); use --device cpu (DALI then runs on the CPU)")
+    return index, ("cpu" if cpu_decode else "mixed"), "gpu"
+
+
+def _name_the_file(exc: Exception, files: list[str]) -> str | None:
+    """The file a DALI error message names ("Failed to decode sample #i : <path>"), if one of ``files``."""
+    text = str(exc)
+    named = [f for f in set(files) if f in text]
+    return max(named, key=len) if named else None  # the longest: a/10.jpg, not its prefix a/1.jpg
+
+
+def _is_input_error(exc: Exception) -> bool:
+    """Whether a DALI error comes from reading or decoding a file (else it is a bug to surface as is)."""
+    return "fn.decoders.image" in str(exc) or "fn.readers.file" in str(exc)
+
+
+class DaliLoader:
+    """Two-view batches from an ImageFolder split through an NVIDIA DALI pipeline.
+
+    Args:
+        data_dir: an ImageFolder split (``<root>/<class>/<image>``) or an :class:`ImageList`
+            (labels are its ``class_to_idx``, identical to the torch loader's).
+        aug: augmentation parameters.
+        batch_size: images per batch per rank (each image gives two views).
+        device: where batches are delivered and, for CUDA, where DALI decodes and augments.
+        workers: DALI CPU threads (``num_threads``; 0 is treated as 1).
+        channels_last: deliver views as ``channels_last``: DALI writes NHWC and the loader returns
+            the NCHW permutation of it (a view, no copy).
+        seed, rank, world_size: order and sharding (see :mod:`pipeline.sampling`): rank ``r``
+            reads shard ``r`` of ``world_size`` disjoint shards; ``device`` is the local GPU.
+        dtype: ``torch.float32`` or ``torch.float16`` are written by DALI directly; other dtypes
+            are cast after DALI.
+        prefetch: DALI ``prefetch_queue_depth``: batches computed ahead (2 is DALI's documented
+            default; on a GPU each extra batch holds two views of GPU memory).
+        cpu_decode: decode on the CPU even when ``device`` is a GPU (ops still on the GPU).
+
+    Yields:
+        :class:`TwoViewBatch`: views ``(B, 3, S, S)``, label ``(B,)`` int64, all on ``device``.
+
+    Raises:
+        FileNotFoundError, RuntimeError: from :func:`pipeline.imagefolder.scan_image_folder`.
+        ValueError: batch size larger than this rank's shard.
+        RuntimeError: a CUDA ``device`` DALI cannot see (see :func:`dali_placement`).
+        DaliDecodeError: (while iterating) DALI could not decode a file; the message names it.
+    """
+
+    def __init__(self, data_dir, aug: AugmentConfig, batch_size: int, device: torch.device | str = "cpu",
+                 workers: int = 2, channels_last: bool = False, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, dtype: torch.dtype = torch.float32, prefetch: int = 2,
+                 cpu_decode: bool = False):
+        self.images = data_dir if isinstance(data_dir, ImageList) else scan_image_folder(data_dir)
+        self.device, self.channels_last, self.dtype = torch.device(device), channels_last, dtype
+        self.device_id, self.decode_device, self.op_device = dali_placement(self.device, cpu_decode)
+        self.batch_size, self.aug = batch_size, aug
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.workers, self.prefetch = max(1, workers), max(1, prefetch)
+        self.num_samples = len(self.images) // world_size
+        self._len = check_batch_size(batch_size, self.num_samples, f"shard {rank} of {self.images.root}")
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select epoch ``epoch``'s order and augmentation draws (deterministic from the seed)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def epoch_files(self, epoch: int) -> tuple[list[str], list[int]]:
+        """Paths and labels this rank reads in ``epoch``, in order: ``len(self) * batch_size`` of them."""
+        order = shard_order(len(self.images), self.seed, epoch, self.rank, self.world_size)
+        order = order[:self._len * self.batch_size]
+        samples = self.images.samples
+        return [samples[i][0] for i in order], [samples[i][1] for i in order]
+
+    def _build(self, files: list[str], labels: list[int]):
+        out_dtype = "float16" if self.dtype == torch.float16 else "float32"
+        pipe = simsiam_pipeline(
+            files, labels, self.aug, self.decode_device, self.op_device,
+            "HWC" if self.channels_last else "CHW", out_dtype,
+            batch_size=self.batch_size, num_threads=self.workers, device_id=self.device_id,
+            seed=epoch_seed(self.seed, self.epoch, self.rank) % 2**31,
+            prefetch_queue_depth=self.prefetch)
+        pipe.build()
+        return DALIGenericIterator(pipe, ["view1", "view2", "label"], reader_name=READER,
+                                   last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+
+    def _view(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: torch.channels_last, no copy
+        return to_training_layout(x, self.device, self.channels_last, self.dtype)
+
+    def __iter__(self):
+        files, labels = self.epoch_files(self.epoch)
+        try:
+            iterator = self._build(files, labels)  # runs the first batches already
+        except RuntimeError as exc:
+            if not _is_input_error(exc):
+                raise
+            raise self._decode_error(exc, files) from exc
+        try:
+            for step in range(self._len):
+                try:
+                    out = next(iterator)[0]
+                except StopIteration:  # cannot happen with a whole-batch file list; never yield short
+                    raise RuntimeError(f"DALI ended epoch {self.epoch} early") from None
+                except RuntimeError as exc:
+                    if not _is_input_error(exc):
+                        raise
+                    raise self._decode_error(exc, files, step * self.batch_size) from exc
+                yield TwoViewBatch(self._view(out["view1"]), self._view(out["view2"]),
+                                   out["label"].reshape(-1).to(self.device, torch.int64, non_blocking=True))
+        finally:
+            del iterator
+
+    def _decode_error(self, exc: RuntimeError, files: list[str], start: int = 0) -> DaliDecodeError:
+        """A one-paragraph error naming the file DALI stopped on: from DALI's message, or else by
+        decoding this epoch's files one by one from ``start`` (the first not yet delivered)."""
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        after = lines.index("encountered:") + 1 if "encountered:" in lines else 0
+        cause = lines[after] if after < len(lines) else type(exc).__name__
+        name = _name_the_file(exc, files) or first_undecodable(files[start:])
+        where = f"file {name}" if name else f"a file of {self.images.root}"
+        return DaliDecodeError(f"DALI could not read {where} in epoch {self.epoch} ({cause}); "
+                               f"remove or re-encode that file (it passed the PIL check or changed after it)")
