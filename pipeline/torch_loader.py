@@ -7,8 +7,8 @@ the result does not depend on the number of workers, on persistent workers, or o
 """
 from __future__ import annotations
 
-import os
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -44,8 +44,14 @@ def view_transform(aug: AugmentConfig) -> v2.Compose:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode an image file to an RGB PIL image (grey, CMYK, palette and RGBA converted)."""
+    """Decode an image file to an RGB PIL image (grey, CMYK, palette and RGBA converted).
+
+    16-bit grey images (PIL modes ``I;16*``) are scaled to 8 bits first: PIL's own conversion to
+    RGB clips them to white.
+    """
     with Image.open(path) as im:
+        if im.mode.startswith("I;16"):
+            return Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)).convert("RGB")
         return im.convert("RGB")
 
 

@@ -1,7 +1,9 @@
 """Shared real-data fixtures.
 
-- ``fmnist_root``: the full Fashion-MNIST ImageFolder (``train/``, ``val/``), prepared once per
-  session from Debian's ``dataset-fashion-mnist`` into a temporary folder.
+- ``fmnist_root``: the full Fashion-MNIST ImageFolder (``train/``, ``val/``), prepared from Debian's
+  ``dataset-fashion-mnist`` once into ``$SIMSIAM_TEST_DATA`` (default
+  ``~/.cache/simsiam-fast/test-data``) and reused by later sessions (preparation is idempotent and
+  deterministic); 70,000 files per session in pytest's temp folders made its clean-up slow.
 - ``fmnist_slice``: a small ImageFolder copied from it: ``per_class`` train and val images per
   class (default 30 → 300 + 300 files).
 - ``photo_dir``: foolbox's data folder (20 real ImageNet JPEGs, CIFAR/MNIST PNGs), read as files.
@@ -38,10 +40,11 @@ def copy_slice(src_root: Path, dst_root: Path, per_class: int) -> Path:
 
 
 @pytest.fixture(scope="session")
-def fmnist_root(tmp_path_factory) -> Path:
+def fmnist_root() -> Path:
     if not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist (the README's test command does)")
-    return prepare_fashion_mnist(tmp_path_factory.mktemp("fmnist") / "fashion-mnist", progress=False)
+    base = Path(os.environ.get("SIMSIAM_TEST_DATA", Path.home() / ".cache" / "simsiam-fast" / "test-data"))
+    return prepare_fashion_mnist(base / "fashion-mnist", progress=False)
 
 
 @pytest.fixture(scope="session")

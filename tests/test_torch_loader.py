@@ -105,3 +105,12 @@ def test_synthetic_loader_shapes():
     assert len(batches) == len(loader) == 3
     assert batches[0].view1.shape == (32, 3, 8, 8) and batches[0].view1.is_contiguous(memory_format=torch.channels_last)
     assert not torch.equal(batches[0].view1, batches[0].view2)
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    from pipeline.torch_loader import load_rgb
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    rgb = np.asarray(load_rgb(str(tmp_path / "g16.png")))
+    assert rgb.shape == (64, 64, 3) and rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
+    assert abs(int(rgb[32, 32, 0]) - int(ramp[32, 32]) // 257) <= 1
