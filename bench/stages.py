@@ -1,0 +1,252 @@
+"""One benchmark point: a stage (loader-only, model-only, end-to-end) at one batch size.
+
+- ``loader``: iterate a loader (two views per image, on the training device); no model.
+- ``model``: forward + loss + backward + optimiser step on ``synthetic`` views already on the
+  device (``pipeline.synthetic``): the ceiling the input pipeline is compared against.
+- ``e2e``: loader → model, the training loop of ``train.py`` (same :func:`model.step.train_step`).
+
+Each point: build the loader, run ``warmup`` discarded steps, then ``repeats`` timed windows
+(:mod:`bench.timing`), under a :class:`bench.memory.PeakMemory` guard. An out-of-memory point is
+recorded with status ``oom`` (any other failure, e.g. a loader that breaks while iterating, with
+status ``error`` and its traceback on stderr) and memory is released so the sweep goes on.
+"""
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.profiler import record_function
+
+from model.loss import SimSiamLoss
+from model.norm import convert_sync_bn
+from model.precision import Precision
+from model.simsiam import SimSiam
+from model.step import train_step
+from pipeline import build_loader, recipe
+from pipeline.imagefolder import ImageList
+
+from .memory import PeakMemory, is_oom, release_memory
+from .timing import cycle_epochs, measure, steps_for, summarize
+
+STAGES = ("loader", "model", "e2e")
+STAGE_NAMES = {"loader": "loader-only", "model": "model-only", "e2e": "end-to-end"}
+
+
+@dataclass
+class Settings:
+    """Everything one benchmark run holds fixed (recorded with every result)."""
+
+    device: torch.device
+    arch: str = "resnet18"
+    image_size: int = 32
+    small_stem: bool = True
+    dim: int = 2048
+    pred_dim: int = 512
+    amp: str = "off"
+    channels_last: bool = False
+    sync_bn: bool = False
+    compile: bool = False
+    workers: int = 2
+    warmup: int = 2
+    repeats: int = 3
+    min_images: int = 256
+    min_steps: int = 2
+    loader_min_steps: int = 10
+    accum: int = 1
+    seed: int = 0
+    memory_ceiling_mb: float | None = None
+    budget_s: float | None = None
+    images: ImageList | None = None
+    clock: Callable[[], float] = time.perf_counter
+    sync_bn_kind: str = field(default="none")
+    threads: int = field(default_factory=torch.get_num_threads)
+
+    @property
+    def view_dtype(self) -> torch.dtype:
+        """Dtype loaders deliver (float16 under fp16 AMP halves the copy, as train.py does)."""
+        return torch.float16 if self.amp == "fp16" else torch.float32
+
+    def sync(self) -> Callable[[], None] | None:
+        """``torch.cuda.synchronize`` on a CUDA device, else None."""
+        return torch.cuda.synchronize if self.device.type == "cuda" else None
+
+
+class Trainer:
+    """The model side of a run: SimSiam + loss + SGD + precision, built once and reused by every point."""
+
+    def __init__(self, s: Settings):
+        model = SimSiam(s.arch, s.dim, s.pred_dim, s.small_stem)
+        if s.sync_bn:
+            model, s.sync_bn_kind = convert_sync_bn(model, s.device)
+        fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+        self.model = model.to(s.device, memory_format=fmt).train()
+        self.step_model = torch.compile(self.model) if s.compile else self.model
+        self.criterion = SimSiamLoss()
+        self.optimizer = torch.optim.SGD(self.model.param_groups(True), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        self.precision = Precision(s.amp, s.device)
+
+    def step(self, batches, accum: int = 1) -> int:
+        """One optimiser step over ``accum`` batches from iterator ``batches``; returns images used."""
+        if accum == 1:
+            with record_function("data"):
+                b = next(batches)
+            train_step(self.step_model, self.criterion, b.view1, b.view2, self.optimizer, self.precision)
+            return b.view1.shape[0]
+        return self._accumulated(batches, accum)
+
+    def _accumulated(self, batches, accum: int) -> int:
+        """Gradient accumulation: ``accum`` forward/backward passes (loss / accum), then one update."""
+        opt, prec, images = self.optimizer, self.precision, 0
+        opt.zero_grad(set_to_none=True)
+        for _ in range(accum):
+            with record_function("data"):
+                b = next(batches)
+            with prec.autocast():
+                with record_function("forward"):
+                    out = self.step_model(b.view1, b.view2)
+                with record_function("loss"):
+                    loss = self.criterion(*out) / accum
+            with record_function("backward"):
+                (prec.scaler.scale(loss) if prec.scaler is not None else loss).backward()
+            images += b.view1.shape[0]
+        with record_function("optimizer"):
+            if prec.scaler is not None:
+                prec.scaler.step(opt)
+                prec.scaler.update()
+            else:
+                opt.step()
+        return images
+
+
+class TimedIter:
+    """Iterator wrapper adding the time spent in ``next`` to ``wait_s`` (seconds, ``clock`` units)."""
+
+    def __init__(self, it, clock: Callable[[], float]):
+        self.it, self.clock, self.wait_s = it, clock, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = self.clock()
+        try:
+            return next(self.it)
+        finally:
+            self.wait_s += self.clock() - t0
+
+
+def make_loader(name: str, batch: int, s: Settings):
+    """Build loader ``name`` for ``batch`` images per batch over ``s.images`` (``synthetic``: random views).
+
+    Raises whatever :func:`pipeline.build_loader` raises (ImportError when not installed).
+    """
+    common = dict(batch_size=batch, device=s.device, channels_last=s.channels_last, seed=s.seed, dtype=s.view_dtype)
+    if name == "synthetic":
+        return build_loader("synthetic", num_samples=batch * 1_000_000, size=s.image_size, pool=1, **common)
+    return build_loader(name, data_dir=s.images, aug=recipe(s.image_size), workers=s.workers, **common)
+
+
+def probe_loader(name: str, s: Settings, batch: int) -> str | None:
+    """None when loader ``name`` can be built here, else the reason (missing package, bad arguments)."""
+    try:
+        loader = make_loader(name, batch, s)
+    except (ImportError, ModuleNotFoundError, TypeError, NotImplementedError, RuntimeError, ValueError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    del loader
+    gc.collect()
+    return None
+
+
+def point_steps(stage: str, effective_batch: int, s: Settings) -> int:
+    """Steps per timed window: at least ``s.min_images`` images and ``s.min_steps`` steps; loader-only
+    windows also at least ``s.loader_min_steps`` batches, so batches prefetched during warm-up (a
+    loader's queue: workers × prefetch for torch) are a small part of the window."""
+    least = max(s.min_steps, s.loader_min_steps) if stage == "loader" else s.min_steps
+    return steps_for(effective_batch, s.min_images, least)
+
+
+def base_row(stage: str, loader: str, batch: int, s: Settings) -> dict:
+    """The identifying columns of a result row."""
+    accum = 1 if stage == "loader" else s.accum
+    return {"stage": stage, "loader": loader, "batch": batch, "accum": accum,
+            "effective_batch": batch * accum, "status": "ok", "note": ""}
+
+
+def run_point(stage: str, loader_name: str, batch: int, s: Settings, trainer: Trainer | None,
+              projection_s: float | None = None, profiler=None) -> dict:
+    """Measure one point and return its row (see ``bench/report.py`` for the columns).
+
+    Args:
+        stage: ``loader``, ``model`` or ``e2e``.
+        loader_name: the loader (``synthetic`` for ``model``).
+        trainer: the model side (None for ``loader``).
+        projection_s: projected cost of the point from the previous batch size; above
+            ``s.budget_s`` the point is skipped (status ``skipped``).
+        profiler: a :class:`bench.profiling.StepProfiler` stepped once per step (optional).
+    """
+    row = base_row(stage, loader_name, batch, s)
+    steps = point_steps(stage, row["effective_batch"], s)
+    row.update(steps=steps, repeats=s.repeats, warmup=s.warmup)
+    if s.budget_s is not None and projection_s is not None and projection_s > s.budget_s:
+        row.update(status="skipped", note=f"projected {projection_s:.0f} s > budget {s.budget_s:.0f} s")
+        return row
+    guard = PeakMemory(s.device, s.memory_ceiling_mb if s.device.type == "cpu" else None)
+    first: list[float] = []
+    batches = loader = None
+    try:
+        with guard:
+            loader = make_loader(loader_name, batch, s)
+            batches = cycle_epochs(loader)
+            if stage == "loader":
+                def step():
+                    with record_function("data"):
+                        b = next(batches)
+                    if profiler is not None:
+                        profiler.step()
+                    return b.view1.shape[0]
+            else:
+                timed = TimedIter(batches, s.clock)
+
+                def step():
+                    before = timed.wait_s
+                    n = trainer.step(timed, s.accum)
+                    if profiler is not None:
+                        profiler.step()
+                    return n, timed.wait_s - before
+            windows = measure(step, s.warmup, steps, s.repeats, s.clock, s.sync(), on_first=first.append)
+    except KeyboardInterrupt:
+        if not guard.tripped:
+            raise
+        row.update(status="oom", note=f"RSS crossed the memory ceiling {s.memory_ceiling_mb:.0f} MiB")
+    except Exception as exc:  # noqa: BLE001 - a failing point is a result; the sweep goes on
+        if is_oom(exc):
+            row.update(status="oom", note=str(exc).splitlines()[0][:160])
+        else:  # e.g. a loader that builds but fails while iterating: recorded, traceback on stderr
+            traceback.print_exc()
+            msg = " ".join(str(exc).split())[:160]
+            row.update(status="error", note=f"{type(exc).__name__}: {msg}")
+    finally:
+        if batches is not None:
+            batches.close()
+        del batches, loader
+        if trainer is not None:
+            trainer.optimizer.zero_grad(set_to_none=True)
+        release_memory(s.device)
+    row.update(peak_mem_mb=round(guard.peak_mb, 1), start_mem_mb=round(guard.start_mb, 1), mem_kind=guard.kind,
+               torch_threads=torch.get_num_threads())
+    if first:
+        row["first_step_s"] = round(first[0], 4)
+    if row["status"] != "ok":
+        return row
+    ips = summarize([w.images_per_s for w in windows])
+    step_s = summarize([w.step_s for w in windows])
+    total = sum(w.seconds for w in windows)
+    row.update(images_per_s=ips.median, images_per_s_min=ips.min, images_per_s_max=ips.max,
+               spread_pct=ips.spread_pct, views_per_s=2 * ips.median, step_s=step_s.median,
+               data_wait_share=(sum(w.data_s for w in windows) / total) if stage == "e2e" else None,
+               timed_s=total)
+    return row

@@ -1,0 +1,306 @@
+"""Images/s per loader and stage, batch scaling, input-stall share, peak memory.
+
+``python bench/throughput.py`` measures, side by side in one run:
+
+- loader-only: each of ``torch``, ``dali``, ``ffcv`` that is installed (two views, no model);
+- model-only: SimSiam forward + loss + backward + SGD step on synthetic views on the device;
+- end-to-end: loader → model, per loader;
+
+for every batch size of ``--batch-sizes`` (64 → 4096 by default), and writes a table, JSON, CSV
+and PNG plots into ``--out``. ``--quick`` is a CI-sized run (< 2 min on 2 CPU cores);
+``--profile`` also records a profiler trace of the end-to-end loop and prints its verdict.
+See ``bench/timing.py`` for the timing rules and ``bench/report.py`` for the columns.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.environment import environment  # noqa: E402
+from bench.memory import default_ceiling_mb  # noqa: E402
+from bench.profiling import DEFAULT_SCHEDULE, StepProfiler, parse_schedule  # noqa: E402
+from bench.report import plot_step_time, plot_throughput, table, write_csv, write_json  # noqa: E402
+from bench.stages import STAGES, Settings, Trainer, point_steps, probe_loader, run_point  # noqa: E402
+from bench.timing import stall_share  # noqa: E402
+from model.backbones import ARCHS  # noqa: E402
+from model.precision import AMP_MODES  # noqa: E402
+from pipeline.device import resolve_device  # noqa: E402
+from pipeline.imagefolder import ImageList, scan_image_folder  # noqa: E402
+
+DEFAULT_DATA = "data/fashion-mnist"
+REAL_LOADERS = ("torch", "dali", "ffcv")
+DEFAULT_BATCHES = [64, 128, 256, 512, 1024, 2048, 4096]
+QUICK = dict(arch="resnet18", image_size=16, batch_sizes=[8, 16], loaders="torch,dali", num_images=256, dim=512,
+             pred_dim=128, warmup=1, repeats=2, min_images=16, min_steps=1, loader_min_steps=6, workers=1)
+
+
+def int_list(text: str) -> list[int]:
+    """``"64,128"`` → ``[64, 128]`` (positive ints)."""
+    vals = [int(x) for x in text.split(",") if x.strip()]
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"want a comma list of positive integers, got {text!r}")
+    return vals
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options; device- and --quick-dependent defaults are left None for :func:`resolve`."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="CI-sized run: resnet18, 16 px, batch 8 and 16, torch (and DALI when installed), 2 repeats")
+    p.add_argument("--out", default=None, help="output folder (default bench/results/<time>)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma list of loader, model, e2e")
+    p.add_argument("--loaders", default=None,
+                   help="comma list of torch, dali, ffcv; default: every installed one (quick: torch,dali)")
+    p.add_argument("--batch-sizes", type=int_list, default=None,
+                   help="comma list (default 64,128,...,4096; quick 8,16)")
+    p.add_argument("--accum", type=int, default=1, help="batches per optimiser step (gradient accumulation)")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="ImageFolder root (its train/ split is used when present) or a split folder; "
+                        "the default is prepared from Fashion-MNIST when missing")
+    p.add_argument("--num-images", type=int, default=None,
+                   help="images every loader reads (a fixed seeded subset; default 2 x the largest batch)")
+    m = p.add_argument_group("matrix")
+    m.add_argument("-a", "--arch", choices=ARCHS, default=None, help="default resnet18 (CPU), resnet50 (GPU)")
+    m.add_argument("--image-size", type=int, default=None, help="view side in px; default 32 (CPU), 224 (GPU)")
+    m.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None,
+                   help="3x3 stem without max-pool (default: on for images <= 64 px)")
+    m.add_argument("--dim", type=int, default=None, help="projector width (default 2048)")
+    m.add_argument("--pred-dim", type=int, default=None, help="predictor bottleneck (default 512)")
+    m.add_argument("--amp", choices=AMP_MODES, default="off")
+    m.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last model and views (default: on for CUDA, off for CPU)")
+    m.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm (plain BN kept, with a warning, "
+                                                          "on CPU or without a process group)")
+    m.add_argument("--compile", action="store_true", help="torch.compile the model")
+    m.add_argument("-j", "--workers", type=int, default=None, help="loader workers/threads (default 2)")
+    t = p.add_argument_group("timing")
+    t.add_argument("--warmup", type=int, default=None, help="discarded steps per point (default 3 GPU, 1 CPU and quick)")
+    t.add_argument("--repeats", type=int, default=None, help="timed windows per point (default 3, quick 2)")
+    t.add_argument("--min-images", type=int, default=None, help="images per timed window at least (default 1024 GPU, 128 CPU)")
+    t.add_argument("--min-steps", type=int, default=None, help="steps per timed window at least (default 3 GPU, 1 CPU)")
+    t.add_argument("--loader-min-steps", type=int, default=None,
+                   help="batches per loader-only timed window at least (default 10, quick 6)")
+    t.add_argument("--budget-s", type=float, default=None,
+                   help="skip a point whose projected cost (from the previous batch size) exceeds this many "
+                        "seconds; default 60 on CPU, none on GPU; 0 disables")
+    t.add_argument("--memory-ceiling", type=float, default=None,
+                   help="CPU: process RSS ceiling in MiB; a point crossing it is recorded as OOM "
+                        "(default: RSS now + 80%% of available memory; 0 disables)")
+    t.add_argument("--seed", type=int, default=0)
+    f = p.add_argument_group("profiling")
+    f.add_argument("--profile", action="store_true",
+                   help="also profile a few end-to-end steps at the first batch size (TensorBoard + Chrome JSON)")
+    f.add_argument("--profile-schedule", default=",".join(map(str, DEFAULT_SCHEDULE)), help="wait,warmup,active steps")
+    args = p.parse_args(argv)
+    parse_schedule(args.profile_schedule)
+    return args
+
+
+def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    """Fill the defaults that depend on --quick and on the device."""
+    gpu = device.type == "cuda"
+    if gpu:
+        base = dict(arch="resnet50", image_size=224, warmup=3, repeats=3, min_images=1024, min_steps=3)
+    else:  # 2-core CPUs do ~30 images/s at 32 px: one warm-up step, >= 128 images per window
+        base = dict(arch="resnet18", image_size=32, warmup=1, repeats=3, min_images=128, min_steps=1)
+    base.update(batch_sizes=DEFAULT_BATCHES, loaders=",".join(REAL_LOADERS), num_images=None, dim=2048,
+                pred_dim=512, loader_min_steps=10, workers=2)
+    if args.quick:
+        base.update(QUICK)
+    for k, v in base.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.small_stem is None:
+        args.small_stem = args.image_size <= 64
+    if args.channels_last is None:
+        args.channels_last = gpu
+    if args.budget_s is None:
+        args.budget_s = None if gpu else 60.0
+    if args.budget_s == 0:
+        args.budget_s = None
+    if args.memory_ceiling is None:
+        args.memory_ceiling = None if gpu else default_ceiling_mb()
+    if args.memory_ceiling == 0:
+        args.memory_ceiling = None
+    if args.num_images is None:
+        args.num_images = 2 * max(args.batch_sizes)
+    return args
+
+
+def bench_images(data: str, num_images: int, seed: int) -> ImageList:
+    """The images every loader reads: a seeded subset of ``num_images`` of the split under ``data``.
+
+    ``data`` is an ImageFolder root with ``train/`` (used) or a split folder itself; the default
+    Fashion-MNIST folder is prepared (``pipeline.datasets``) when missing.
+    """
+    root = Path(data)
+    if data == DEFAULT_DATA and not (root / "train").exists():
+        from pipeline.datasets import prepare_fashion_mnist
+        print(f"preparing Fashion-MNIST as JPEG files under {root} (once)")
+        prepare_fashion_mnist(root)
+    split = root / "train" if (root / "train").is_dir() else root
+    images = scan_image_folder(split)
+    if num_images < len(images):
+        g = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(len(images), generator=g)[:num_images].sort().values.tolist()
+        images = ImageList(images.root, images.classes, [images.samples[i] for i in keep], images.skipped)
+    return images
+
+
+def add_stall_shares(rows: list[dict]) -> None:
+    """Set ``stall_share`` on end-to-end rows from the model-only row at the same effective batch."""
+    model = {r["effective_batch"]: r for r in rows if r["stage"] == "model" and r["status"] == "ok"}
+    for r in rows:
+        if r["stage"] == "e2e" and r["status"] == "ok" and r["effective_batch"] in model:
+            r["stall_share"] = stall_share(r["images_per_s"], model[r["effective_batch"]]["images_per_s"])
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark described by parsed ``args``; returns ``{"out", "rows", "env", "config", ...}``."""
+    device = resolve_device(args.device)
+    args = resolve(args, device)
+    stages = [s for s in args.stages.split(",") if s]
+    bad = set(stages) - set(STAGES)
+    if bad:
+        raise ValueError(f"unknown stage(s) {sorted(bad)}; choose from {', '.join(STAGES)}")
+    out = Path(args.out) if args.out else Path("bench/results") / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    s = Settings(device=device, arch=args.arch, image_size=args.image_size, small_stem=args.small_stem,
+                 dim=args.dim, pred_dim=args.pred_dim, amp=args.amp, channels_last=args.channels_last,
+                 sync_bn=args.sync_bn, compile=args.compile, workers=args.workers, warmup=args.warmup,
+                 repeats=args.repeats, min_images=args.min_images, min_steps=args.min_steps,
+                 loader_min_steps=args.loader_min_steps, accum=args.accum,
+                 seed=args.seed, memory_ceiling_mb=args.memory_ceiling, budget_s=args.budget_s)
+    env = environment(device)
+    batches = args.batch_sizes
+    rows: list[dict] = []
+    unavailable: dict[str, str] = {}
+    loaders: list[str] = []
+    if "loader" in stages or "e2e" in stages:
+        s.images = bench_images(args.data, args.num_images, args.seed)
+        for name in [x for x in args.loaders.split(",") if x]:
+            if name not in REAL_LOADERS:
+                raise ValueError(f"unknown loader {name!r}; choose from {', '.join(REAL_LOADERS)}")
+            why = probe_loader(name, s, min(batches[0], len(s.images)))
+            if why is None:
+                loaders.append(name)
+            else:
+                unavailable[name] = why
+                print(f"loader {name}: unavailable ({why})")
+    config = {k: getattr(args, k) for k in ("arch", "image_size", "small_stem", "dim", "pred_dim", "amp",
+                                            "channels_last", "sync_bn", "compile", "workers", "accum", "warmup",
+                                            "repeats", "min_images", "min_steps", "loader_min_steps", "budget_s", "memory_ceiling",
+                                            "batch_sizes", "stages", "quick", "seed")}
+    config.update(device=str(device), num_images=len(s.images) if s.images is not None else None,
+                  data=s.images.root if s.images is not None else None, loaders=loaders, unavailable=unavailable)
+    print(f"device {env['device_name']} | torch {env['torch']} | {args.arch} {args.image_size}px | amp {args.amp} | "
+          f"channels_last {args.channels_last} | sync-bn {args.sync_bn} | workers {args.workers} | load {env['loadavg']}",
+          flush=True)
+    trainer = Trainer(s) if ("model" in stages or "e2e" in stages) else None
+    config["sync_bn_kind"] = s.sync_bn_kind
+    # Loader-only points first; then model-only and end-to-end interleaved batch size by batch size,
+    # so drifting machine speed (shared CPUs) affects the two sides of the stall share alike.
+    loader_plan = [("loader", n) for n in loaders] if "loader" in stages else []
+    compute_plan = [("model", "synthetic")] * ("model" in stages) + [("e2e", n) for n in loaders if "e2e" in stages]
+    order = [(st, n, b) for st, n in loader_plan for b in batches] + \
+        [(st, n, b) for b in batches for st, n in compute_plan]
+    last: dict[tuple[str, str], tuple[int, float]] = {}  # (stage, loader) → (effective batch, s/step) of the last ok point
+    model_skipped: set[int] = set()
+    print(table([]))
+    for stage, name, b in order:
+        if stage != "model" and b > len(s.images):
+            row = {"stage": stage, "loader": name, "batch": b, "accum": 1, "effective_batch": b,
+                   "status": "skipped", "note": f"batch > the {len(s.images)} benchmark images"}
+        elif stage == "e2e" and b in model_skipped:  # end to end costs at least the model-only step
+            row = {"stage": stage, "loader": name, "batch": b, "accum": s.accum, "effective_batch": b * s.accum,
+                   "status": "skipped", "note": "model-only was over the budget at this batch"}
+        else:
+            proj = None
+            if (stage, name) in last:
+                eb = b * (1 if stage == "loader" else s.accum)
+                prev_eb, prev_step = last[(stage, name)]
+                proj = prev_step * eb / prev_eb * (s.warmup + s.repeats * point_steps(stage, eb, s))
+            torch.set_num_threads(s.threads)  # a loader library may have changed it (FFCV sets 1 on import)
+            row = run_point(stage, name, b, s, trainer if stage != "loader" else None, proj)
+        if row["status"] == "ok":
+            last[(stage, name)] = (row["effective_batch"], row["step_s"])
+        elif stage == "model" and row["status"] == "skipped":
+            model_skipped.add(b)
+        rows.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+        write_json(out / "throughput.json", env, config, rows, {"partial": True})  # survives a kill
+    rank = {(st, n): i for i, (st, n) in enumerate(loader_plan + compute_plan)}
+    rows.sort(key=lambda r: rank[(r["stage"], r["loader"])])  # stable: batch order kept within a series
+    add_stall_shares(rows)
+    extra = {}
+    if args.profile:
+        extra["profile"] = profile_run(args, s, trainer, loaders, out)
+    env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    title = (f"{args.arch} {args.image_size}px amp={args.amp} cl={args.channels_last} sync_bn={args.sync_bn} "
+             f"on {env['device_name']}")
+    files = {"json": out / "throughput.json", "csv": out / "throughput.csv"}
+    write_csv(files["csv"], config, rows)
+    p1 = plot_throughput(out / "images_per_s.png", rows, title)
+    p2 = plot_step_time(out / "step_time.png", rows, title)
+    files.update({k: v for k, v in (("plot_images_per_s", p1), ("plot_step_time", p2)) if v is not None})
+    extra["files"] = {k: str(v) for k, v in files.items()}
+    write_json(files["json"], env, config, rows, extra)
+    print()
+    print(table(rows))
+    for name, why in unavailable.items():
+        print(f"{name}: unavailable ({why})")
+    if "profile" in extra and extra["profile"].get("verdict"):
+        print(extra["profile"]["verdict"])
+    print(f"results: {', '.join(str(v) for v in files.values())}  (load {env['loadavg']} → {env['loadavg_end']})")
+    return {"out": out, "rows": rows, "env": env, "config": config, **extra}
+
+
+def profile_run(args, s: Settings, trainer: Trainer | None, loaders: list[str], out: Path) -> dict:
+    """Profile the end-to-end loop (first available loader; model-only without one) at the first
+    batch size; writes ``out/profile/{tb/, trace.json}`` and returns the trace summary."""
+    from bench.trace_summary import summarize_trace
+    if trainer is None:
+        trainer = Trainer(s)
+    wait, warm, active = parse_schedule(args.profile_schedule)
+    stage, name = ("e2e", loaders[0]) if loaders else ("model", "synthetic")
+    batch = args.batch_sizes[0]
+    ps = Settings(**{**s.__dict__, "warmup": 0, "repeats": 1, "min_images": 0, "min_steps": wait + warm + active + 1,
+                     "budget_s": None})
+    prof = StepProfiler(out / "profile", (wait, warm, active), s.device)
+    try:
+        row = run_point(stage, name, batch, ps, trainer, profiler=prof)
+    finally:
+        traces = prof.stop()
+    result = {"stage": stage, "loader": name, "batch": batch, "status": row["status"],
+              "traces": [str(t) for t in traces], "tensorboard": str(out / "profile" / "tb")}
+    if traces:
+        summary = summarize_trace(traces[0])
+        result.update(verdict=summary["verdict"], shares=summary["shares"])
+    return result
+
+
+def main(argv=None) -> dict:
+    """Entry point: parse ``argv`` and :func:`run` (repeated warnings shown once)."""
+    args = parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("once")
+        return run(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError, ImportError) as exc:
+        sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
