@@ -43,7 +43,7 @@ class Settings:
     device: torch.device
     arch: str = "resnet18"
     image_size: int = 32
-    small_stem: bool = True
+    small_stem: bool = False
     dim: int = 2048
     pred_dim: int = 512
     amp: str = "off"

@@ -72,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m = p.add_argument_group("matrix")
     m.add_argument("-a", "--arch", choices=ARCHS, default=None, help="default resnet18 (CPU), resnet50 (GPU)")
     m.add_argument("--image-size", type=int, default=None, help="view side in px; default 32 (CPU), 224 (GPU)")
-    m.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None,
-                   help="3x3 stem without max-pool (default: on for images <= 64 px)")
+    m.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=False,
+                   help="3x3 stem without max-pool (paper's CIFAR setting); off by default, as in train.py")
     m.add_argument("--dim", type=int, default=None, help="projector width (default 2048)")
     m.add_argument("--pred-dim", type=int, default=None, help="predictor bottleneck (default 512)")
     m.add_argument("--amp", choices=AMP_MODES, default="off")
@@ -120,8 +120,6 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
     for k, v in base.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.small_stem is None:
-        args.small_stem = args.image_size <= 64
     if args.channels_last is None:
         args.channels_last = gpu
     if args.budget_s is None:

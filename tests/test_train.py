@@ -13,7 +13,7 @@ from model.simsiam import SimSiam
 from model.step import train_step
 from pipeline import build_loader, recipe
 
-TINY = ["--image-size", "8", "--dim", "128", "--pred-dim", "32", "-b", "50", "--no-progress"]
+TINY = ["--image-size", "8", "--small-stem", "--dim", "128", "--pred-dim", "32", "-b", "50", "--no-progress"]
 
 
 def run(root, out, *extra):
