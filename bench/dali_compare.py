@@ -21,52 +21,16 @@ of the best runs, and the median of the paired (same-round) runs.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.augment import recipe  # noqa: E402
+from bench.photos import photo_folder, rate  # noqa: E402
 from pipeline.imagefolder import scan_image_folder  # noqa: E402
-
-
-def photo_folder(work: Path, n: int) -> Path:
-    """``work/photos/train/{a,b}``: the foolbox ImageNet JPEGs copied round-robin to ``n`` files."""
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None:
-        sys.exit("needs the foolbox wheel's photos: pip install --no-deps foolbox")
-    src = sorted((Path(spec.submodule_search_locations[0]) / "data").glob("imagenet_*.jpg"))
-    root = work / "photos" / "train"
-    if root.exists() and sum(1 for _ in root.rglob("*.jpg")) == n:
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    for i in range(n):
-        d = root / ("a" if i % 2 == 0 else "b")
-        d.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src[i % len(src)], d / f"{i:05d}_{src[i % len(src)].name}")
-    return root
-
-
-def rate(loader, batches: int, warmup: int) -> float:
-    """Images/s over ``batches`` batches after ``warmup`` untimed ones (one epoch, then more if needed)."""
-    done, seen, t0, epoch = 0, 0, time.time(), 0
-    while done < warmup + batches:
-        loader.set_epoch(epoch)
-        for b in loader:
-            done += 1
-            if done == warmup:
-                t0 = time.time()
-            elif done > warmup:
-                seen += b.view1.shape[0]
-            if done >= warmup + batches:
-                break
-        epoch += 1
-    return seen / (time.time() - t0)
 
 
 def main(argv=None) -> None:
@@ -97,7 +61,7 @@ def main(argv=None) -> None:
                 else:
                     from pipeline.torch_loader import TorchLoader as cls
                 loader = cls(images, recipes[rec], batch_size=a.batch_size, workers=a.workers, device="cpu", seed=0)
-                runs[name].append(rate(loader, a.batches, a.warmup))
+                runs[name].append(rate(loader, a.batches, a.warmup)[1])
                 del loader
         for name in loaders:
             print(json.dumps({"loader": name, "recipe": rec, "images_per_s": round(max(runs[name]), 1),
