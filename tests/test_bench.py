@@ -125,9 +125,10 @@ def test_quick_run_writes_table_json_csv_png(photo_folder, tmp_path, capsys):
 # ---------------------------------------------------------------------------- OOM: recorded, sweep goes on
 
 def test_oom_point_is_recorded_and_the_sweep_continues(tmp_path):
-    ceiling = rss_mb() + 600  # MiB: room for the tiny model and batch 4, not for batch 1024's activations
+    ceiling = rss_mb() + 600  # MiB: room for the tiny model and batch 4, not for batch 1024's activations at full
+    # 16 px resolution (the small stem keeps the 16x16 maps that the standard stem would shrink to 4x4)
     out = tmp_path / "oom"
-    res = throughput.main(["--quick", "--stages", "model", "--batch-sizes", "4,1024,4", "--memory-ceiling",
+    res = throughput.main(["--quick", "--small-stem", "--stages", "model", "--batch-sizes", "4,1024,4", "--memory-ceiling",
                            str(ceiling), "--budget-s", "0", "--out", str(out)])
     status = [(r["batch"], r["status"]) for r in res["rows"]]
     assert status == [(4, "ok"), (1024, "oom"), (4, "ok")]
