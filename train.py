@@ -106,6 +106,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--no-progress", action="store_true", help="no progress bar (logs every epoch instead)")
     args = p.parse_args(argv)
+    for name in ("lr", "wd", "momentum", "knn_t"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (name in ("lr", "knn_t") and value == 0):
+            p.error(f"--{name.replace('_', '-')} must be a finite {'positive' if name in ('lr', 'knn_t') else 'non-negative'} "
+                    f"number, got {value}")
+    if args.epochs < 0:
+        p.error(f"--epochs must be >= 0, got {args.epochs}")
     if args.warmup_epochs is None:
         args.warmup_epochs = min(10.0, args.epochs / 2) if args.batch_size >= 1024 else 0.0
     return args
@@ -225,6 +232,11 @@ def main(argv=None) -> dict:
     start_epoch, history, curve = 0, [], []
     if args.resume:
         state = load_checkpoint(args.resume)
+        saved = state.get("args", {})
+        for key in ("arch", "dim", "pred_dim", "proj_layers", "small_stem", "predictor"):
+            if key in saved and saved[key] != getattr(args, key):
+                raise CheckpointError(f"checkpoint {args.resume} was written with --{key.replace('_', '-')} "
+                                      f"{saved[key]}, this run asks for {getattr(args, key)}; use the same model options")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -357,8 +369,9 @@ def print_summary(summary: dict, args) -> None:
         if "pixels_knn_top1" in first:
             print(f"raw pixels for reference: kNN top-1 {first['pixels_knn_top1']:.2f}%, "
                   f"linear probe {first['pixels_probe_top1']:.2f}%")
-    print(f"checkpoint: {out}/checkpoint.pth   backbone: {out}/backbone_{args.arch}.pth\n"
-          f"TensorBoard: tensorboard --logdir {out}/tb   history: {out}/history.json   plot: {out}/curves.png")
+    if (Path(out) / "checkpoint.pth").exists():
+        print(f"checkpoint: {out}/checkpoint.pth   backbone: {out}/backbone_{args.arch}.pth")
+    print(f"TensorBoard: tensorboard --logdir {out}/tb   history: {out}/history.json   plot: {out}/curves.png")
 
 
 if __name__ == "__main__":

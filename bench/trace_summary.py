@@ -156,6 +156,9 @@ def summarize_trace(path: str | Path, top: int = 15, threshold: float = DEFAULT_
     trace = find_trace(path)
     events = load_events(trace)
     r = range_shares(events)
+    if not r["steps"] and not any(r["range_ms"].values()):
+        raise ValueError(f"{trace} holds no profiled step and no labelled range (data, forward, ...): "
+                         f"not a trace of train.py --profile or bench/throughput.py --profile")
     return {"trace": str(trace), **r, "top_ops": top_self_time(events, top),
             "top_kernels": top_self_time(events, top, cat="kernel"),
             "verdict": verdict(r["shares"], threshold, r["gpu_busy"])}

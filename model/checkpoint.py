@@ -46,7 +46,12 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ("model
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, wrong format, pickled code...
-        raise CheckpointError(f"checkpoint {path} is damaged or not a trainer checkpoint: {exc}") from exc
+        # torch's own message can run to many lines and suggest weights_only=False (unsafe): keep its first line
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        if first.startswith("Weights only load failed"):
+            first = "it holds objects other than tensors and plain containers"
+        raise CheckpointError(f"checkpoint {path} is damaged or not a trainer checkpoint "
+                              f"({type(exc).__name__}{': ' + first if first else ''})") from exc
     if not isinstance(state, dict) or any(k not in state for k in required):
         missing = [k for k in required if not isinstance(state, dict) or k not in state]
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not written by this trainer")

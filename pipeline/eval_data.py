@@ -11,8 +11,7 @@ from torchvision.transforms import v2
 
 from .augment import AugmentConfig
 from .device import to_training_layout
-from .imagefolder import ImageList
-from .torch_loader import load_rgb
+from .imagefolder import ImageList, load_rgb
 
 
 class _Plain(Dataset):

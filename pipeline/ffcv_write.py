@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .imagefolder import ImageList, scan_image_folder
+from .imagefolder import ImageList, scan_image_folder, to_rgb
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 """FFCV ``RGBImageField`` write modes (docs.ffcv.io, "Writing a dataset"): ``raw`` stores pixels,
@@ -45,19 +45,29 @@ class BetonError(ValueError):
     """A ``.beton`` file that cannot be used: missing, truncated, or without the expected fields."""
 
 
+# FFCV's DatasetWriter stores each sample inside one page (``page_size`` default 4 × 2 MiB,
+# ffcv/writer.py); a larger raw image makes its worker raise and the writer wait forever. Images
+# are therefore downscaled so that their raw RGB bytes fit with room to spare.
+PAGE_BYTES = 4 * (1 << 21)
+MAX_RGB_PIXELS = (PAGE_BYTES - (1 << 16)) // 3
+
+
 def _fit(im: Image.Image, max_resolution: int | None) -> Image.Image:
-    """RGB copy of ``im`` whose longer side is at most ``max_resolution`` pixels.
+    """8-bit RGB copy of ``im`` (:func:`~pipeline.imagefolder.to_rgb`) whose longer side is at most
+    ``max_resolution`` pixels and whose raw RGB size fits one FFCV page (:data:`MAX_RGB_PIXELS`).
 
     JPEGs are decoded at a reduced DCT scale first (``Image.draft``), so a huge photo never
     materialises at full size; the final resize is PIL's antialiased ``reduce`` + bilinear.
     """
-    if max_resolution and max(im.size) > max_resolution and im.format == "JPEG":
-        im.draft("RGB", (max_resolution, max_resolution))
-    im = im.convert("RGB")
-    if max_resolution and max(im.size) > max_resolution:
-        scale = max_resolution / max(im.size)
-        size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-        im = im.resize(size, Image.BILINEAR, reducing_gap=2.0)
+    scale = min(1.0, (MAX_RGB_PIXELS / (im.width * im.height)) ** 0.5)
+    if max_resolution:
+        scale = min(scale, max_resolution / max(im.size))
+    target = (max(1, int(im.width * scale)), max(1, int(im.height * scale)))
+    if scale < 1 and im.format == "JPEG":
+        im.draft("RGB", target)
+    im = to_rgb(im)
+    if im.width > target[0] or im.height > target[1]:
+        im = im.resize(target, Image.BILINEAR, reducing_gap=2.0)
     return im
 
 
@@ -206,6 +216,7 @@ def check_beton(path: str | os.PathLike, image_field: str = "image", label_field
                          f"rewrite it with python -m pipeline.ffcv_write --overwrite") from exc
     table = reader.alloc_table
     if (int(reader.header["alloc_table_ptr"]) > size or len(reader.metadata) != reader.num_samples
+            or len(np.unique(table["sample_id"])) != reader.num_samples  # every image has its bytes
             or (len(table) and int((table["ptr"] + table["size"]).max()) > size)):
         raise BetonError(f"{path} is truncated ({size} bytes; it holds less than its header and allocation "
                          f"table describe); rewrite it with python -m pipeline.ffcv_write --overwrite")

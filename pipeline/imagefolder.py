@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -58,6 +59,23 @@ class ImageList:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a PIL image (grey, CMYK, palette and RGBA converted by PIL).
+
+    16-bit grey images (modes ``I;16*``) are scaled to 8 bits first: PIL's own conversion to RGB
+    clips them to white.
+    """
+    if im.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image file with PIL into an 8-bit RGB image (see :func:`to_rgb`)."""
+    with Image.open(path) as im:
+        return to_rgb(im)
 
 
 def _check_image(path: str) -> str | None:

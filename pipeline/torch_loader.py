@@ -8,7 +8,6 @@ the result does not depend on the number of workers, on persistent workers, or o
 from __future__ import annotations
 
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -17,7 +16,7 @@ from torchvision.transforms import v2
 from .augment import AugmentConfig
 from .batch import TwoViewBatch
 from .device import to_training_layout
-from .imagefolder import ImageList, scan_image_folder
+from .imagefolder import ImageList, load_rgb, scan_image_folder
 from .sampling import check_batch_size, epoch_seed, shard_order
 
 
@@ -41,18 +40,6 @@ def view_transform(aug: AugmentConfig) -> v2.Compose:
         v2.Normalize(mean=list(aug.mean), std=list(aug.std)),
     ]
     return v2.Compose(ops)
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Decode an image file to an RGB PIL image (grey, CMYK, palette and RGBA converted).
-
-    16-bit grey images (PIL modes ``I;16*``) are scaled to 8 bits first: PIL's own conversion to
-    RGB clips them to white.
-    """
-    with Image.open(path) as im:
-        if im.mode.startswith("I;16"):
-            return Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)).convert("RGB")
-        return im.convert("RGB")
 
 
 class TwoViewDataset(Dataset):

@@ -186,3 +186,10 @@ def test_gradient_accumulation_counts_images_and_updates_once():
     assert next(batches, None) is None
     assert not torch.equal(before, t.model.backbone.conv1.weight)
     assert all(t.optimizer.state[p]["momentum_buffer"] is not None for p in t.optimizer.param_groups[0]["params"][:3])
+
+
+def test_trace_summary_refuses_a_trace_without_steps(tmp_path):
+    for text in ('{"traceEvents": []}', "[1, 2, 3]"):
+        (tmp_path / "t.json").write_text(text)
+        with pytest.raises(ValueError, match="no profiled step"):
+            trace_summary.summarize_trace(tmp_path / "t.json")

@@ -27,7 +27,7 @@ pytest.importorskip("ffcv")
 from pipeline import build_loader  # noqa: E402
 from pipeline.augment import AugmentConfig  # noqa: E402
 from pipeline.ffcv_loader import FfcvLoader  # noqa: E402
-from pipeline.ffcv_write import BetonError, check_beton, sidecar_path, write_beton  # noqa: E402
+from pipeline.ffcv_write import PAGE_BYTES, BetonError, check_beton, sidecar_path, write_beton  # noqa: E402
 from pipeline.gpu_augment import GpuAugment  # noqa: E402
 from pipeline.imagefolder import ImageList, scan_image_folder  # noqa: E402
 from pipeline.torch_loader import TorchLoader  # noqa: E402
@@ -162,6 +162,26 @@ def test_writer_bad_inputs_converted_or_skipped(photo_dir, tmp_path):
     assert np.abs(px["cmyk.jpg"].astype(int) - px["good.jpg"].astype(int)).mean() < 12  # same photo, re-encoded
 
 
+def test_writer_fits_huge_and_16_bit_images(photo_dir, tmp_path):
+    """Without --max-resolution a raw 6000×6000 image exceeds FFCV's 8 MiB page (its worker raised
+    and the writer hung); a 16-bit PNG was clipped to white by PIL's convert('RGB')."""
+    cls = tmp_path / "train" / "odd"
+    cls.mkdir(parents=True)
+    with Image.open(photo_dir / "imagenet_00_243.jpg") as im:
+        im.convert("RGB").resize((6000, 6000)).save(cls / "huge.jpg", quality=80)
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(cls / "grey16.png")
+    out = tmp_path / "odd.beton"
+    run = subprocess.run([sys.executable, "-m", "pipeline.ffcv_write", str(tmp_path / "train"), str(out), "-j", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr
+    reader = check_beton(out)
+    grey16, huge = stored_pixels(reader, out, 0), stored_pixels(reader, out, 1)
+    assert huge.nbytes <= PAGE_BYTES and huge.shape[0] == huge.shape[1] > 1000
+    assert grey16.shape == (64, 64, 3) and grey16.min() == 0 and grey16.max() == 255
+    assert abs(int(grey16[32, 32, 0]) - int(ramp[32, 32]) // 257) <= 1
+
+
 def test_fashion_mnist_beton_in_one_command(fmnist_slice, tmp_path):
     out = tmp_path / "fmnist-train.beton"
     run = subprocess.run([sys.executable, "-m", "pipeline.ffcv_write", str(fmnist_slice / "train"), str(out)],
@@ -183,9 +203,11 @@ def test_bad_beton_clear_errors(photo_folder, tmp_path):
     good = write_beton(photo_folder, tmp_path / "good.beton", num_workers=1, progress=False)
     truncated = tmp_path / "truncated.beton"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    tail_cut = tmp_path / "tail_cut.beton"  # the allocation table at the end loses entries
+    tail_cut.write_bytes(good.read_bytes()[:-100])
     garbage = tmp_path / "garbage.beton"
     garbage.write_bytes(os.urandom(5000))
-    for path, match in ((truncated, "truncated"), (garbage, "not a readable FFCV"),
+    for path, match in ((truncated, "truncated"), (tail_cut, "truncated"), (garbage, "not a readable FFCV"),
                         (tmp_path / "missing.beton", "does not exist")):
         with pytest.raises(BetonError, match=match):
             FfcvLoader(path, aug=AUG, batch_size=4)

@@ -108,7 +108,7 @@ def test_synthetic_loader_shapes():
 
 
 def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
-    from pipeline.torch_loader import load_rgb
+    from pipeline.imagefolder import load_rgb
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "g16.png")
     rgb = np.asarray(load_rgb(str(tmp_path / "g16.png")))

@@ -132,3 +132,26 @@ def test_truncated_checkpoint_from_a_real_run_is_refused(fmnist_slice, tmp_path)
     with pytest.raises(train.CheckpointError, match="damaged"):
         run(fmnist_slice, tmp_path / "r2", "--epochs", "2", "--resume", str(tmp_path / "cut.pth"))
     assert ckpt.read_bytes() == data  # nothing lost
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "nan"], "--lr must be a finite positive number"),
+    (["--lr", "0"], "--lr must be a finite positive number"),
+    (["--wd", "-1"], "--wd must be a finite non-negative number"),
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+])
+def test_bad_numbers_refused_before_any_work(args, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(args)
+    assert message in capsys.readouterr().err
+
+
+def test_resume_with_other_model_options_names_the_option(fmnist_slice, tmp_path):
+    run(fmnist_slice, tmp_path / "r", "--epochs", "1", "--no-knn", "-j", "0")
+    with pytest.raises(train.CheckpointError, match="--arch resnet18, this run asks for resnet34"):
+        run(fmnist_slice, tmp_path / "r2", "--epochs", "2", "--no-knn", "-a", "resnet34",
+            "--resume", str(tmp_path / "r" / "checkpoint.pth"))
+    (tmp_path / "random.pth").write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(train.CheckpointError) as info:
+        run(fmnist_slice, tmp_path / "r3", "--resume", str(tmp_path / "random.pth"))
+    assert "weights_only=False" not in str(info.value) and len(str(info.value).splitlines()) == 1
