@@ -32,7 +32,7 @@ from pipeline import LOADERS, build_loader, recipe
 from pipeline.datasets import prepare_fashion_mnist
 from pipeline.device import resolve_device
 from pipeline.eval_data import EvalImages
-from pipeline.imagefolder import ImageList, scan_image_folder
+from pipeline.imagefolder import scan_image_folder
 
 DEFAULT_DATA = "data/fashion-mnist"
 
@@ -191,12 +191,7 @@ def main(argv=None) -> dict:
         if not (data / "train").is_dir():
             raise FileNotFoundError(f"data folder {data} has no train/ folder: expected "
                                     f"{data}/train/<class>/<images> (and optionally {data}/val/)")
-        train_images = scan_image_folder(data / "train")
-        if args.subset is not None and args.subset < len(train_images):
-            g = torch.Generator().manual_seed(args.seed)
-            keep = torch.randperm(len(train_images), generator=g)[:args.subset].sort().values.tolist()
-            train_images = ImageList(train_images.root, train_images.classes,
-                                     [train_images.samples[i] for i in keep], train_images.skipped)
+        train_images = scan_image_folder(data / "train").subset(args.subset, args.seed)
         val_images = scan_image_folder(data / "val") if (data / "val").exists() else None
     view_dtype = torch.float16 if args.amp == "fp16" else torch.float32
     common = dict(batch_size=args.batch_size, device=device, channels_last=args.channels_last,

@@ -147,12 +147,7 @@ def bench_images(data: str, num_images: int, seed: int) -> ImageList:
         print(f"preparing Fashion-MNIST as JPEG files under {root} (once)")
         prepare_fashion_mnist(root)
     split = root / "train" if (root / "train").is_dir() else root
-    images = scan_image_folder(split)
-    if num_images < len(images):
-        g = torch.Generator().manual_seed(seed)
-        keep = torch.randperm(len(images), generator=g)[:num_images].sort().values.tolist()
-        images = ImageList(images.root, images.classes, [images.samples[i] for i in keep], images.skipped)
-    return images
+    return scan_image_folder(split).subset(num_images, seed)
 
 
 def add_stall_shares(rows: list[dict]) -> None:

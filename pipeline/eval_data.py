@@ -43,11 +43,7 @@ class EvalImages:
 
     def __init__(self, images: ImageList, aug: AugmentConfig, limit: int | None = None, seed: int = 0,
                  workers: int = 2):
-        samples = images.samples
-        if limit is not None and limit < len(samples):
-            g = torch.Generator().manual_seed(seed)
-            keep = torch.randperm(len(samples), generator=g)[:limit].sort().values.tolist()
-            samples = [samples[i] for i in keep]
+        samples = images.subset(limit, seed).samples
         loader = DataLoader(_Plain(samples, aug.size), batch_size=256, num_workers=workers)
         xs, ys = zip(*[(x, y) for x, y in loader])
         self.images, self.labels = torch.cat(xs), torch.cat(ys)

@@ -60,6 +60,16 @@ class ImageList:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def subset(self, n: int | None, seed: int) -> "ImageList":
+        """At most ``n`` samples drawn at random with ``seed``, kept in path order (``None``: all)."""
+        if n is None or n >= len(self.samples):
+            return self
+        import torch
+
+        keep = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(seed))[:n]
+        return ImageList(self.root, self.classes, [self.samples[i] for i in keep.sort().values.tolist()],
+                         self.skipped)
+
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """An 8-bit RGB copy of a PIL image (grey, CMYK, palette and RGBA converted by PIL).
