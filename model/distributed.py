@@ -1,0 +1,194 @@
+"""Many processes in one place: torchrun's environment, the process group, DDP and collectives.
+
+``torchrun`` (``torch.distributed.run``, PyTorch's elastic agent) starts one process per GPU and
+sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` /
+``MASTER_PORT`` and ``TORCHELASTIC_RESTART_COUNT`` in each (torch docs, "torchrun (Elastic
+Launch)", environment variables). :func:`init_from_env` reads them, initialises the process group
+(NCCL on CUDA, gloo on the CPU; torch docs, "Which backend to use?") and picks ``cuda:LOCAL_RANK``.
+A plain ``python train.py`` has none of these variables: world size 1, no process group, and every
+helper here is a no-op, so single-process behaviour is unchanged.
+
+Order of set-up (``shared/DESIGN.md``): process group → device from ``LOCAL_RANK`` → model →
+SyncBN conversion → ``.to(device, channels_last)`` → :func:`wrap_ddp` → optimiser.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.device import resolve_device
+
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands among its peers.
+
+    Attributes:
+        rank: global rank in ``[0, world_size)``; rank 0 alone prints and writes files.
+        local_rank: rank on this node; selects ``cuda:local_rank`` and runs per-node work (the scan).
+        world_size: number of processes (1 without torchrun).
+        local_world_size: processes on this node.
+        device: this process's training device.
+        backend: ``"nccl"``, ``"gloo"`` or None when no process group was started.
+        restart: ``TORCHELASTIC_RESTART_COUNT`` (0 on the first attempt).
+    """
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    restart: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0: the process that prints, logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group is initialised (torchrun, even with one process)."""
+        return self.backend is not None
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op without a process group)."""
+        if self.distributed:
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    @contextlib.contextmanager
+    def local_main_first(self):
+        """Run the block on local rank 0 first, then on the node's other ranks.
+
+        For per-node work whose result the others read from disk: the image-folder scan and its
+        cache, data preparation, an FFCV ``.beton`` write. Without a process group it just runs.
+        """
+        first = self.local_rank == 0
+        if not first:
+            self.barrier()
+        yield
+        if first:
+            self.barrier()
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's ``(n_r, ...)`` tensor along dim 0, in rank order, on every rank.
+
+        Ranks may hold different row counts (padded for the collective, trimmed after). The result
+        is on ``x``'s device. Without a process group, ``x`` itself.
+        """
+        if not self.distributed:
+            return x
+        comm = x.to(self.device)
+        n = torch.tensor([comm.shape[0]], device=self.device)
+        counts = [torch.zeros_like(n) for _ in range(self.world_size)]
+        dist.all_gather(counts, n)
+        counts = [int(c) for c in torch.cat(counts).tolist()]
+        pad = max(counts)
+        padded = torch.zeros((pad, *comm.shape[1:]), dtype=comm.dtype, device=self.device)
+        padded[:comm.shape[0]] = comm
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device)
+
+    def shard_range(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous slice ``[start, stop)`` of ``n`` items (sizes differ by at most 1),
+        so that :meth:`gather_rows` of per-slice results restores the original order."""
+        return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+
+    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce of ``x`` (``sum``, ``max`` or ``avg``); returns ``x``. No-op alone."""
+        if self.distributed:
+            if op == "avg":
+                dist.all_reduce(x, op=dist.ReduceOp.SUM)
+                x.div_(self.world_size)
+            else:
+                dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return x
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank (pickled; for small host-side values)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another launcher following its convention) set RANK, LOCAL_RANK and WORLD_SIZE."""
+    return all(v in os.environ for v in TORCHRUN_VARS)
+
+
+def init_from_env(device: str = "auto", timeout_min: float = 30.0) -> DistContext:
+    """Read torchrun's environment, start the process group and choose this rank's device.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. Under torchrun, ``auto``/``cuda`` become
+            ``cuda:LOCAL_RANK`` when GPUs are visible; ``cpu`` keeps every rank on the CPU (gloo).
+        timeout_min: collective time-out in minutes (torch's default is 30 for gloo; NCCL's 10).
+
+    Returns:
+        a :class:`DistContext`; world size 1 and no process group without torchrun.
+
+    Raises:
+        ValueError: a CUDA device was asked for and none is visible, or fewer GPUs than local ranks.
+    """
+    if not launched_by_torchrun():
+        return DistContext(device=resolve_device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(f"local rank {local_rank} needs GPU {local_rank}, but only {torch.cuda.device_count()} "
+                                 f"GPU(s) are visible: start at most that many processes per node")
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min),
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, local_world_size=local_world,
+                       device=dev, backend=backend, restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+
+
+def destroy(ctx: DistContext) -> None:
+    """Destroy the process group if one was started (safe to call twice, and after an error)."""
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """``DistributedDataParallel(model)`` under a process group; ``model`` itself otherwise.
+
+    Gradients are averaged over ranks in buckets during backward (torch docs, DDP design notes);
+    BN buffers are broadcast from rank 0 at each forward (``broadcast_buffers=True``, the default).
+    ``gradient_as_bucket_view`` saves one gradient-sized copy. The caller keeps ``model`` (the
+    unwrapped module) for checkpoints, so saved keys carry no ``module.`` prefix.
+    """
+    if not ctx.distributed:
+        return model
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+
+
+def no_sync(model: nn.Module, skip: bool):
+    """``model.no_sync()`` when ``skip`` and ``model`` is DDP (gradient accumulation's first
+    micro-batches: gradients accumulate locally, one all-reduce on the last); else a no-op."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile(ddp) wraps the DDP module
+    if skip and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
