@@ -1,40 +1,57 @@
-"""SimSiam pre-training, the recipe top to bottom: args → data → model → optimiser → loop.
+"""SimSiam pre-training, the recipe top to bottom: args → processes → data → model → optimiser → loop.
 
 Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021; option names follow the
 official ``main_simsiam.py``. ``python train.py`` with no arguments prepares Fashion-MNIST (Debian
-``dataset-fashion-mnist``) if needed and runs the CPU default described in README.md.
+``dataset-fashion-mnist``) if needed and runs the CPU default described in README.md;
+``torchrun --nproc-per-node=N train.py ...`` runs the same recipe on N processes (DDP).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
+import re
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from bench.profiling import DEFAULT_SCHEDULE, StepProfiler, labelled, parse_schedule
 from model.backbones import ARCHS, backbone_state_dict
-from model.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from model.checkpoint import CheckpointError, load_checkpoint, load_latest, save_atomic, save_checkpoint
+from model.distributed import DistContext, destroy, init_from_env
 from model.evaluate import extract_features, knn_top1, linear_probe_top1
+from model.interrupt import GracefulStop, TrainingInterrupted
 from model.loss import SIMILARITIES, SimSiamLoss, collapse_threshold
-from model.norm import convert_sync_bn
 from model.precision import AMP_MODES, Precision
-from model.simsiam import PREDICTORS, SimSiam
-from model.step import train_step
+from model.profiling import DEFAULT_SCHEDULE, StepProfiler, parse_schedule
+from model.simsiam import PREDICTORS
+from model.step import StatsReadback, train_step
+from model.training import build_simsiam, recipe_sgd
 from pipeline import LOADERS, build_loader, recipe
 from pipeline.datasets import prepare_fashion_mnist
-from pipeline.device import resolve_device
 from pipeline.eval_data import EvalImages
 from pipeline.imagefolder import scan_image_folder
 
 DEFAULT_DATA = "data/fashion-mnist"
+RUN_DIR: Path | None = None  # where error.log goes once the run folder is known
+
+
+def parse_every(text: str) -> tuple[str, float]:
+    """``--save-every``: ``"500"`` or ``"500steps"`` → ``("steps", 500)``; ``"10min"`` / ``"10m"`` →
+    ``("seconds", 600)``; ``"90s"`` → ``("seconds", 90)``."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(steps?|min|m|s)?\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"want N steps (500, 500steps) or a time (10min, 90s), got {text!r}")
+    value, unit = float(m.group(1)), m.group(2) or "steps"
+    if unit.startswith("step"):
+        return "steps", int(value)
+    return "seconds", value * (60 if unit in ("min", "m") else 1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,10 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--data", default=DEFAULT_DATA,
                    help="ImageFolder root with train/ and val/ splits; the default is prepared from Fashion-MNIST when missing")
     d.add_argument("--loader", choices=LOADERS, default="torch", help="data pipeline backend")
-    d.add_argument("-j", "--workers", type=int, default=2, help="loader worker processes / threads")
+    d.add_argument("-j", "--workers", type=int, default=2, help="loader worker processes / threads per rank")
     d.add_argument("--image-size", type=int, default=32, help="view side in pixels")
     d.add_argument("--min-crop-scale", type=float, default=0.2, help="RandomResizedCrop minimum area (paper: 0.2)")
-    d.add_argument("--subset", type=int, default=None, help="train on a random subset of this many images")
+    d.add_argument("--subset", type=int, default=None, help="train on a seeded random subset of this many images (default: all)")
     d.add_argument("--dali-cpu-decode", action="store_true",
                    help="--loader dali on a GPU: decode JPEGs on the CPU, augment on the GPU")
     d.add_argument("--dali-prefetch", type=int, default=2, help="--loader dali: batches DALI prepares ahead")
@@ -57,11 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--loader ffcv: sample order (quasi_random for data larger than RAM)")
     d.add_argument("--ffcv-os-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="--loader ffcv: let the OS page cache hold the .beton")
-    d.add_argument("--ffcv-max-resolution", type=int, default=None, help="--loader ffcv: longest stored side when writing")
+    d.add_argument("--ffcv-max-resolution", type=int, default=None,
+                   help="--loader ffcv: longest stored side when writing (default: full size, within FFCV's page)")
     d.add_argument("--ffcv-write-mode", choices=("raw", "jpg", "smart", "proportion"), default="raw",
                    help="--loader ffcv: how images are stored when writing")
     m = p.add_argument_group("model")
-    m.add_argument("-a", "--arch", choices=ARCHS, default="resnet18")
+    m.add_argument("-a", "--arch", choices=ARCHS, default="resnet18", help="torchvision ResNet backbone")
     m.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=False,
                    help="3x3 stride-1 stem without max-pool, for inputs of 64 px or less (paper's CIFAR setting); "
                         "4x the compute of the standard stem at the same size")
@@ -69,25 +87,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--pred-dim", type=int, default=512, help="predictor bottleneck width")
     m.add_argument("--proj-layers", type=int, choices=(2, 3), default=3, help="projector depth (paper CIFAR appendix: 2)")
     o = p.add_argument_group("optimisation (official recipe)")
-    o.add_argument("--epochs", type=int, default=3)
-    o.add_argument("-b", "--batch-size", type=int, default=256, help="images per step (each gives two views)")
-    o.add_argument("--lr", type=float, default=0.05, help="base lr; the lr used is lr * batch / 256")
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-4)
+    o.add_argument("--epochs", type=int, default=3, help="epochs to train")
+    o.add_argument("-b", "--batch-size", type=int, default=256,
+                   help="global batch: images per optimiser step over all ranks and --accum micro-batches "
+                        "(each image gives two views)")
+    o.add_argument("--accum", type=int, default=1,
+                   help="micro-batches per optimiser step (gradient accumulation); per-rank micro-batch = "
+                        "batch / (world size x accum)")
+    o.add_argument("--lr", type=float, default=0.05, help="base lr; the lr used is lr x batch / 256")
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    o.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-4, help="SGD weight decay")
     o.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the predictor lr constant (paper §4.4)")
     o.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear lr warm-up; default 10 epochs for batch >= 1024 (paper Tab. 2), capped at half the run, else 0")
+                   help="linear lr warm-up (default: 10 epochs for batch >= 1024 (paper Tab. 2), capped at half the run; else 0)")
     a = p.add_argument_group("ablations (paper §4)")
     a.add_argument("--stop-grad", action=argparse.BooleanOptionalAction, default=True, help="stop-gradient on z")
-    a.add_argument("--predictor", choices=PREDICTORS, default="learned")
-    a.add_argument("--similarity", choices=SIMILARITIES, default="cosine")
-    a.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True)
+    a.add_argument("--predictor", choices=PREDICTORS, default="learned", help="predictor MLP (Tab. 1)")
+    a.add_argument("--similarity", choices=SIMILARITIES, default="cosine", help="similarity in the loss (§4.6)")
+    a.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True, help="symmetrised loss (Tab. 4)")
     f = p.add_argument_group("performance")
-    f.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    f.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
-    f.add_argument("--amp", choices=AMP_MODES, default="off")
-    f.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm (apex when importable, else torch)")
+    f.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    f.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="channels_last (NHWC) model and views")
+    f.add_argument("--amp", choices=AMP_MODES, default="off", help="mixed precision")
+    f.add_argument("--sync-bn", action="store_true",
+                   help="SyncBatchNorm across ranks (apex when importable, else torch; plain BN on the CPU)")
     f.add_argument("--compile", action="store_true", help="torch.compile the model")
     f.add_argument("--profile", action="store_true",
                    help="torch.profiler trace of a few steps: <out>/profile/tb (TensorBoard) and <out>/profile/trace.json "
@@ -96,26 +121,52 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="profiler wait,warmup,active steps")
     e = p.add_argument_group("monitoring, checkpoints")
     e.add_argument("--knn", action=argparse.BooleanOptionalAction, default=True, help="kNN monitor + linear probe each epoch")
-    e.add_argument("--knn-k", type=int, default=200)
-    e.add_argument("--knn-t", type=float, default=0.1)
-    e.add_argument("--knn-bank", type=int, default=10000, help="train images in the kNN bank (None: all)")
-    e.add_argument("--knn-queries", type=int, default=None, help="val images classified (default: all)")
-    e.add_argument("--out", default=None, help="run folder for checkpoints and logs (default runs/<time>)")
-    e.add_argument("--resume", default=None, help="checkpoint to resume from")
+    e.add_argument("--knn-k", type=int, default=200, help="kNN neighbours (InstDisc)")
+    e.add_argument("--knn-t", type=float, default=0.1, help="kNN temperature (InstDisc)")
+    e.add_argument("--knn-bank", type=int, default=10000, help="train images in the kNN bank (0: all)")
+    e.add_argument("--knn-queries", type=int, default=0, help="val images classified (0: all)")
+    e.add_argument("--log-every", type=int, default=20,
+                   help="steps between read-backs of loss and z-std (the only host syncs of the loop)")
+    e.add_argument("--out", default=None, help="run folder for checkpoints and logs (default: runs/<time>)")
+    e.add_argument("--resume", default=None,
+                   help="checkpoint to resume from, or 'auto': the newest valid one in --out (fresh start if none)")
+    e.add_argument("--save-every", type=parse_every, default=None,
+                   help="also checkpoint mid-epoch every N steps (500, 500steps) or minutes (10min); default: epoch ends")
     e.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs of this invocation")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--no-progress", action="store_true", help="no progress bar (logs every epoch instead)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the order, augmentations and initialisation")
+    e.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is shown on a terminal only; otherwise one line per epoch)")
     args = p.parse_args(argv)
     for name in ("lr", "wd", "momentum", "knn_t"):
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0 or (name in ("lr", "knn_t") and value == 0):
             p.error(f"--{name.replace('_', '-')} must be a finite {'positive' if name in ('lr', 'knn_t') else 'non-negative'} "
                     f"number, got {value}")
-    if args.epochs < 0:
-        p.error(f"--epochs must be >= 0, got {args.epochs}")
+    for name in ("epochs", "knn_bank", "knn_queries"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("accum", "log_every", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.resume == "auto" and args.out is None:
+        p.error("--resume auto looks for checkpoints in --out: give --out DIR")
     if args.warmup_epochs is None:
         args.warmup_epochs = min(10.0, args.epochs / 2) if args.batch_size >= 1024 else 0.0
     return args
+
+
+def per_rank_batch(global_batch: int, world_size: int, accum: int) -> int:
+    """Images per micro-batch on one rank: ``global_batch / (world_size × accum)``.
+
+    Raises:
+        ValueError: it does not divide (one line, with the nearest batches that do).
+    """
+    parts = world_size * accum
+    if global_batch % parts:
+        lo, hi = global_batch // parts * parts, (global_batch // parts + 1) * parts
+        raise ValueError(f"-b/--batch-size {global_batch} is the global batch and must divide by world size "
+                         f"{world_size} x --accum {accum} = {parts}; use {lo or hi} or {hi}")
+    return global_batch // parts
 
 
 def lr_lambdas(groups: list[dict], total_steps: int, warmup_steps: int):
@@ -141,7 +192,7 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -151,173 +202,289 @@ def scores(fb, lb, fq, lq, args) -> dict:
             "probe_top1": linear_probe_top1(fb, lb, fq, lq)}
 
 
-def evaluate(model, bank: EvalImages | None, queries: EvalImages | None, args, device, precision) -> dict:
-    """:func:`scores` of the frozen backbone's features on the val split."""
+def eval_slice(images, limit: int, seed: int, ctx: DistContext):
+    """This rank's contiguous slice of the seeded evaluation subset (``limit`` 0: all images)."""
+    sub = images.subset(limit or None, seed)
+    start, stop = ctx.shard_range(len(sub))
+    return dataclasses.replace(sub, samples=sub.samples[start:stop])
+
+
+def evaluate(model, bank: EvalImages | None, queries: EvalImages | None, args, ctx: DistContext, precision) -> dict:
+    """:func:`scores` of the frozen backbone's features on the val split. Each rank extracts its
+    slice of the bank and queries; rank 0 scores the gathered features and shares the result."""
     if bank is None:
         return {}
     batch = 512
-    fb, lb = extract_features(model.backbone, bank.batches(batch, device, args.channels_last), precision.autocast)
-    fq, lq = extract_features(model.backbone, queries.batches(batch, device, args.channels_last), precision.autocast)
-    return scores(fb, lb, fq, lq, args)
+    fb, lb = extract_features(model.backbone, bank.batches(batch, ctx.device, args.channels_last), precision.autocast)
+    fq, lq = extract_features(model.backbone, queries.batches(batch, ctx.device, args.channels_last), precision.autocast)
+    fb, lb, fq, lq = (ctx.gather_rows(t) for t in (fb, lb, fq, lq))
+    return ctx.broadcast_object(scores(fb, lb, fq, lq, args) if ctx.is_main else None)
 
 
-def pixel_baseline(bank: EvalImages, queries: EvalImages, args) -> dict:
+def pixel_baseline(bank: EvalImages, queries: EvalImages, args, ctx: DistContext) -> dict:
     """:func:`scores` of the raw normalised pixels: the bar a learned representation should clear."""
     cpu = torch.device("cpu")
-    fb, fq = (torch.cat([x.flatten(1) for x, _ in e.batches(4096, cpu)]) for e in (bank, queries))
-    return scores(fb, bank.labels, fq, queries.labels, args)
+    fb, fq = (ctx.gather_rows(torch.cat([x.flatten(1) for x, _ in e.batches(4096, cpu)])) for e in (bank, queries))
+    lb, lq = ctx.gather_rows(bank.labels), ctx.gather_rows(queries.labels)
+    return ctx.broadcast_object(scores(fb, lb, fq, lq, args) if ctx.is_main else None)
 
 
 def main(argv=None) -> dict:
+    """Parse ``argv``, join the process group (under torchrun), train, leave the group."""
     args = parse_args(argv)
-    started = time.time()
+    ctx = init_from_env(args.device)
+    try:
+        return train(args, ctx)
+    finally:
+        destroy(ctx)
 
-    # 1. Device and seed.
-    device = resolve_device(args.device)
+
+def train(args: argparse.Namespace, ctx: DistContext) -> dict:
+    global RUN_DIR
+    RUN_DIR = None
+    started = time.time()
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    if not ctx.is_main:
+        warnings.filterwarnings("ignore")  # rank 0 speaks
+
+    # 1. Device, precision, seed, batch per rank.
+    device = ctx.device
     precision = Precision(args.amp, device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    micro = per_rank_batch(args.batch_size, ctx.world_size, args.accum)
 
-    # 2. Data: prepare the default data set, scan the splits once, build the two-view loader.
+    # 2. Data: prepare the default data set, scan the splits (once per node), build the two-view loader.
     data = Path(args.data)
-    if args.loader != "synthetic" and args.data == DEFAULT_DATA and not (data / "train").exists():
-        print(f"preparing Fashion-MNIST as JPEG files under {data} (once)")
-        prepare_fashion_mnist(data)
     aug = recipe(args.image_size, args.min_crop_scale)
     train_images = val_images = None
-    if args.loader != "synthetic":
-        if not data.is_dir():
-            raise FileNotFoundError(f"data folder {data} does not exist")
-        if not (data / "train").is_dir():
-            raise FileNotFoundError(f"data folder {data} has no train/ folder: expected "
-                                    f"{data}/train/<class>/<images> (and optionally {data}/val/)")
-        train_images = scan_image_folder(data / "train").subset(args.subset, args.seed)
-        val_images = scan_image_folder(data / "val") if (data / "val").exists() else None
     view_dtype = torch.float16 if args.amp == "fp16" else torch.float32
-    common = dict(batch_size=args.batch_size, device=device, channels_last=args.channels_last,
-                  seed=args.seed, dtype=view_dtype)
-    if args.loader == "synthetic":
-        loader = build_loader("synthetic", num_samples=args.synthetic_size, size=args.image_size, **common)
-    else:
-        extra = {}
-        if args.loader == "ffcv":
-            extra = dict(beton=args.ffcv_beton, order=args.ffcv_order, os_cache=args.ffcv_os_cache,
-                         max_resolution=args.ffcv_max_resolution, write_mode=args.ffcv_write_mode)
-        elif args.loader == "dali":
-            extra = dict(cpu_decode=args.dali_cpu_decode, prefetch=args.dali_prefetch)
-        loader = build_loader(args.loader, data_dir=train_images, aug=aug, workers=args.workers, **common, **extra)
+    common = dict(batch_size=micro, device=device, channels_last=args.channels_last, seed=args.seed, dtype=view_dtype,
+                  rank=ctx.rank, world_size=ctx.world_size)
+    with ctx.local_main_first():
+        if args.loader != "synthetic":
+            if args.data == DEFAULT_DATA and not (data / "train").exists():
+                say(f"preparing Fashion-MNIST as JPEG files under {data} (once)")
+                prepare_fashion_mnist(data, progress=ctx.is_main)
+            if not data.is_dir():
+                raise FileNotFoundError(f"data folder {data} does not exist")
+            if not (data / "train").is_dir():
+                raise FileNotFoundError(f"data folder {data} has no train/ folder: expected "
+                                        f"{data}/train/<class>/<images> (and optionally {data}/val/)")
+            train_images = scan_image_folder(data / "train").subset(args.subset, args.seed)
+            val_images = scan_image_folder(data / "val") if (data / "val").exists() else None
+        if args.loader == "synthetic":
+            loader = build_loader("synthetic", num_samples=args.synthetic_size // ctx.world_size,
+                                  size=args.image_size, **common)
+        else:
+            extra = {}
+            if args.loader == "ffcv":
+                extra = dict(beton=args.ffcv_beton, order=args.ffcv_order, os_cache=args.ffcv_os_cache,
+                             max_resolution=args.ffcv_max_resolution, write_mode=args.ffcv_write_mode)
+            elif args.loader == "dali":
+                extra = dict(cpu_decode=args.dali_cpu_decode, prefetch=args.dali_prefetch)
+            loader = build_loader(args.loader, data_dir=train_images, aug=aug, workers=args.workers, **common, **extra)
+    steps_per_epoch = len(loader) // args.accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"--accum {args.accum} needs {args.accum} batches per epoch, but each rank has {len(loader)}")
 
-    # 3. Model: SimSiam encoder + predictor; SyncBN, channels_last, compile.
-    model = SimSiam(args.arch, args.dim, args.pred_dim, args.small_stem, args.proj_layers, args.predictor)
-    if args.sync_bn:
-        model, _ = convert_sync_bn(model, device)
-    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    step_model = torch.compile(model) if args.compile else model
+    # 3. Model: SimSiam encoder + predictor; SyncBN, channels_last, DDP, compile.
+    built = build_simsiam(ctx, args.arch, args.dim, args.pred_dim, args.small_stem, args.proj_layers, args.predictor,
+                          sync_bn=args.sync_bn, channels_last=args.channels_last, compile=args.compile)
+    model = built.model
 
-    # 4. Loss, optimiser (lr = base lr × batch / 256), per-iteration schedule.
+    # 4. Loss, optimiser (lr = base lr × global batch / 256), per-iteration schedule.
     criterion = SimSiamLoss(args.stop_grad, args.similarity, args.symmetric)
-    init_lr = args.lr * args.batch_size / 256
+    optimizer = recipe_sgd(model, args.lr * args.batch_size / 256, args.momentum, args.wd, args.fix_pred_lr)
     groups = model.param_groups(args.fix_pred_lr)
-    optimizer = torch.optim.SGD(groups, lr=init_lr, momentum=args.momentum, weight_decay=args.wd)
-    steps_per_epoch = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambdas(groups, args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)))
 
-    # 5. Resume, or start a new run folder.
-    start_epoch, history, curve = 0, [], []
-    if args.resume:
-        state = load_checkpoint(args.resume)
+    # 5. Resume (a file, or 'auto': the newest valid checkpoint in --out), or start a new run folder.
+    out = Path(args.out) if args.out else (Path(args.resume).parent if args.resume else None)
+    if out is None:
+        out = Path("runs") / ctx.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        RUN_DIR = out
+    state = None
+    if args.resume == "auto":
+        found = load_latest(out)
+        if found is not None:
+            resume_path, state = found
+        else:
+            say(f"--resume auto: no checkpoint in {out} yet; starting fresh")
+    elif args.resume:
+        resume_path, state = Path(args.resume), load_checkpoint(args.resume)
+    start_epoch, start_step, history, curve, partial = 0, 0, [], [], {}
+    if state is not None:
         saved = state.get("args", {})
         for key in ("arch", "dim", "pred_dim", "proj_layers", "small_stem", "predictor"):
             if key in saved and saved[key] != getattr(args, key):
-                raise CheckpointError(f"checkpoint {args.resume} was written with --{key.replace('_', '-')} "
+                raise CheckpointError(f"checkpoint {resume_path} was written with --{key.replace('_', '-')} "
                                       f"{saved[key]}, this run asks for {getattr(args, key)}; use the same model options")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         precision.load_state_dict(state.get("scaler", {}))
         set_rng_state(state["rng"])
-        start_epoch, history, curve = state["epoch"], state.get("history", []), state.get("curve", [])
-        out = Path(args.out) if args.out else Path(args.resume).parent
-        print(f"resumed from {args.resume} at epoch {start_epoch}")
-    else:
-        out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(out / "tb"))
+        start_epoch, start_step = state["epoch"], state.get("step", 0)
+        history, curve, partial = state.get("history", []), state.get("curve", []), state.get("partial", {})
+        if saved.get("world_size", ctx.world_size) != ctx.world_size:
+            say(f"note: checkpoint written by {saved['world_size']} process(es), resumed by {ctx.world_size}: "
+                f"the rest of the epoch's order differs from the original run's")
+        say(f"resumed from {resume_path} at epoch {start_epoch + 1}, step {start_step}/{steps_per_epoch}"
+            if start_step else f"resumed from {resume_path} after epoch {start_epoch}")
+    writer = None
+    if ctx.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "tb"))
 
-    # 6. kNN monitor on the val split, first on the randomly initialised model.
+    # 6. kNN monitor on the val split (each rank decodes its slice), first on the randomly initialised model.
     bank = queries = None
     if args.knn and val_images is not None:
-        bank = EvalImages(train_images, aug, args.knn_bank, args.seed, args.workers)
-        queries = EvalImages(val_images, aug, args.knn_queries, args.seed, args.workers)
-    if bank is not None and start_epoch == 0:
-        init = evaluate(model, bank, queries, args, device, precision)
-        history.append({"epoch": 0, **init})
-        print(f"random init: kNN top-1 {init['knn_top1']:.2f}%  linear probe {init['probe_top1']:.2f}%")
-        for k, v in init.items():
-            writer.add_scalar(f"eval/{k}", v, 0)
-        pixels = pixel_baseline(bank, queries, args)
-        history[-1].update({f"pixels_{k}": v for k, v in pixels.items()})
-        print(f"raw pixels:  kNN top-1 {pixels['knn_top1']:.2f}%  linear probe {pixels['probe_top1']:.2f}%")
+        bank = EvalImages(eval_slice(train_images, args.knn_bank, args.seed, ctx), aug, None, args.seed, args.workers)
+        queries = EvalImages(eval_slice(val_images, args.knn_queries, args.seed, ctx), aug, None, args.seed, args.workers)
+    if bank is not None and start_epoch == 0 and start_step == 0:
+        init = evaluate(model, bank, queries, args, ctx, precision)
+        pixels = pixel_baseline(bank, queries, args, ctx)
+        history.append({"epoch": 0, **init, **{f"pixels_{k}": v for k, v in pixels.items()}})
+        say(f"random init: kNN top-1 {init['knn_top1']:.2f}%  linear probe {init['probe_top1']:.2f}%")
+        say(f"raw pixels:  kNN top-1 {pixels['knn_top1']:.2f}%  linear probe {pixels['probe_top1']:.2f}%")
+        if writer:
+            for k, v in init.items():
+                writer.add_scalar(f"eval/{k}", v, 0)
 
-    # 7. Train.
+    def checkpoint(epoch: int, step: int, totals: dict) -> Path:
+        """Rank 0: the position 'next: step ``step`` of epoch ``epoch``' with everything to resume it."""
+        return save_checkpoint({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": precision.state_dict(), "epoch": epoch, "step": step, "partial": totals if step else {},
+            "rng": rng_state(), "history": history, "curve": curve,
+            "args": {**vars(args), "world_size": ctx.world_size}}, out)
+
+    # 7. Train: read scalars back every --log-every steps; stop cleanly on SIGTERM/SIGINT.
     threshold = collapse_threshold(args.dim)
-    skipped_total = 0
+    collapse_warned = False
+    save_unit, save_every = args.save_every or (None, None)
+    last_save_time, last_save_step = time.time(), scheduler.last_epoch
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
+    show_bar = ctx.is_main and not args.no_progress and sys.stderr.isatty()
+    readback = StatsReadback(ctx)
     model.train()
-    profiler = StepProfiler(out / "profile", args.profile_schedule, device, enabled=args.profile)
-    for epoch in range(start_epoch, last_epoch):
-        loader.set_epoch(epoch)
-        losses, stds, seen, t0 = [], [], 0, time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", disable=args.no_progress,
-                   dynamic_ncols=True)
-        for batch in labelled(bar):  # the 'data' profiler range
-            result = train_step(step_model, criterion, batch.view1, batch.view2, optimizer, precision)
-            scheduler.step()
-            profiler.step()
-            seen += batch.view1.shape[0]
-            ips = seen / (time.time() - t0)
-            global_step = scheduler.last_epoch
-            if result.skipped:
-                skipped_total += 1
-                warnings.warn(f"non-finite loss {result.loss} at step {global_step}: step skipped")
-                continue
-            losses.append(result.loss)
-            stds.append(result.z_std)
-            curve.append([global_step, result.loss, result.z_std])
-            bar.set_postfix(loss=f"{result.loss:.3f}", z_std=f"{result.z_std:.4f}", img_s=f"{ips:.0f}")
-            writer.add_scalar("train/loss", result.loss, global_step)
-            writer.add_scalar("train/z_std", result.z_std, global_step)
-            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("train/images_per_s", ips, global_step)
-            if result.z_std < threshold:
-                bar.write(f"warning: z-std {result.z_std:.5f} < {threshold:.5f} (0.1/sqrt(dim)): the output is collapsing")
-        record = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)),
-                  "z_std": sum(stds) / max(1, len(stds)), "images_per_s": seen / (time.time() - t0),
-                  "skipped_steps": skipped_total}
-        record.update(evaluate(model, bank, queries, args, device, precision))
-        history.append(record)
-        for k, v in record.items():
-            if k != "epoch":
-                writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
-        # 8. Checkpoint (atomic) and the backbone alone, after every epoch.
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": precision.state_dict(),
-                     "epoch": epoch + 1, "rng": rng_state(), "history": history, "curve": curve,
-                     "args": {k: v for k, v in vars(args).items()}}, out / "checkpoint.pth")
-        save_atomic(backbone_state_dict(model.backbone), out / f"backbone_{args.arch}.pth")
+    profiler = StepProfiler(out / "profile", args.profile_schedule, device, enabled=args.profile and ctx.is_main)
+    with GracefulStop(announce=ctx.is_main) as stop:
+        for epoch in range(start_epoch, last_epoch):
+            first = start_step if epoch == start_epoch else 0
+            totals = dict(partial) if first else {}
+            for k in ("loss_sum", "z_std_sum", "steps", "nonfinite", "images", "seconds"):
+                totals.setdefault(k, 0.0)
+            loader.set_epoch(epoch, start=first * args.accum)
+            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step",
+                       disable=not show_bar, dynamic_ncols=True)
+            batches = iter(loader)
+            t0, seen, halted = time.time(), 0, False
+            try:
+                for step in range(first, steps_per_epoch):
+                    stats = train_step(built.step_model, criterion, batches, optimizer, precision, args.accum)
+                    scheduler.step()
+                    profiler.step()
+                    bar.update(1)
+                    global_step = scheduler.last_epoch
+                    readback.add(global_step, stats)
+                    seen += stats.images * ctx.world_size
+                    halt = stop.requested and not ctx.distributed  # one process: stop at once
+                    if len(readback) >= args.log_every or step == steps_per_epoch - 1 or halt:
+                        rows, (agreed_stop,) = readback.read((stop.requested,))
+                        halt = halt or agreed_stop
+                        now = time.time()
+                        ips = seen / max(now - t0, 1e-9)
+                        for s, loss, z, bad in rows:
+                            if bad:
+                                totals["nonfinite"] += 1
+                                say(f"warning: non-finite loss at step {s}: the update was skipped")
+                                continue
+                            totals["loss_sum"] += loss
+                            totals["z_std_sum"] += z
+                            totals["steps"] += 1
+                            curve.append([s, loss, z])
+                            if writer:
+                                writer.add_scalar("train/loss", loss, s)
+                                writer.add_scalar("train/z_std", z, s)
+                            if z < threshold and not collapse_warned:
+                                collapse_warned = True
+                                say(f"warning: z-std {z:.5f} < {threshold:.5f} (0.1/sqrt(dim)) at step {s}: "
+                                    f"the output is collapsing")
+                        if rows and writer:
+                            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
+                            writer.add_scalar("train/images_per_s", ips, global_step)
+                        if rows and not math.isnan(rows[-1][1]):
+                            bar.set_postfix(loss=f"{rows[-1][1]:.3f}", z_std=f"{rows[-1][2]:.4f}", img_s=f"{ips:.0f}")
+                        due = save_unit is not None and (
+                            (save_unit == "steps" and global_step - last_save_step >= save_every)
+                            or (save_unit == "seconds" and now - last_save_time >= save_every))
+                        if (halt or due) and step < steps_per_epoch - 1:
+                            snapshot = {**totals, "images": totals["images"] + seen,
+                                        "seconds": totals["seconds"] + now - t0}
+                            if ctx.is_main:
+                                path = checkpoint(epoch, step + 1, snapshot)
+                                if not halt:
+                                    bar.write(f"checkpoint: {path} (epoch {epoch + 1}, step {step + 1})")
+                            last_save_time, last_save_step = now, global_step
+                        if halt:
+                            halted = True
+                            break
+            finally:
+                bar.close()
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
+            totals["images"] += seen
+            totals["seconds"] += time.time() - t0
+            resume_hint = f"resume: the same command with --resume auto --out {out} (or --resume {out / 'checkpoint.pth'})"
+            if halted and step < steps_per_epoch - 1:
+                raise TrainingInterrupted(f"stopped by {stop.name} at epoch {epoch + 1}, step {step + 1}/"
+                                          f"{steps_per_epoch}; checkpoint written; {resume_hint}", 128 + stop.signum)
+            record = {"epoch": epoch + 1, "loss": totals["loss_sum"] / max(1, totals["steps"]),
+                      "z_std": totals["z_std_sum"] / max(1, totals["steps"]),
+                      "images_per_s": totals["images"] / max(totals["seconds"], 1e-9),
+                      "skipped_steps": int(totals["nonfinite"])}
+            record.update(evaluate(model, bank, queries, args, ctx, precision))
+            history.append(record)
+            say(epoch_line(record, args, time.time() - started))
+            # 8. Checkpoint (verified, previous kept) and the backbone alone, after every epoch: rank 0 writes.
+            if ctx.is_main:
+                for k, v in record.items():
+                    if k != "epoch":
+                        writer.add_scalar(f"epoch/{k}", v, epoch + 1)
+                checkpoint(epoch + 1, 0, {})
+                save_atomic(backbone_state_dict(model.backbone), out / f"backbone_{args.arch}.pth")
+            last_save_time, last_save_step = time.time(), scheduler.last_epoch
+            if halted:  # the signal came during the epoch's last step: the epoch is complete and saved
+                raise TrainingInterrupted(f"stopped by {stop.name} at the end of epoch {epoch + 1}; checkpoint "
+                                          f"written; {resume_hint}", 128 + stop.signum)
     for trace in profiler.stop():
-        print(f"profiler trace: {trace} (Perfetto / chrome://tracing; python bench/trace_summary.py {trace})")
-    writer.close()
-    (out / "history.json").write_text(json.dumps(history, indent=1))
-    plot_run(history, curve, out / "curves.png")
-    summary = {"out": str(out), "history": history, "minutes": (time.time() - started) / 60,
-               "skipped_steps": skipped_total}
-    print_summary(summary, args)
+        say(f"profiler trace: {trace} (Perfetto / chrome://tracing; python bench/trace_summary.py {trace})")
+    summary = {"out": str(out), "history": history, "curve": curve, "minutes": (time.time() - started) / 60,
+               "skipped_steps": sum(h.get("skipped_steps", 0) for h in history), "world_size": ctx.world_size}
+    if ctx.is_main:
+        writer.close()
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+        plot_run(history, curve, out / "curves.png")
+        print_summary(summary, args)
     return summary
 
 
+def epoch_line(record: dict, args, elapsed_s: float) -> str:
+    """One readable line per epoch (what a log file shows when there is no progress bar)."""
+    parts = [f"epoch {record['epoch']}/{args.epochs}", f"loss {record['loss']:+.4f}", f"z-std {record['z_std']:.4f}",
+             f"{record['images_per_s']:.0f} images/s"]
+    if "knn_top1" in record:
+        parts.append(f"kNN top-1 {record['knn_top1']:.2f}%  probe {record['probe_top1']:.2f}%")
+    if record.get("skipped_steps"):
+        parts.append(f"{record['skipped_steps']} non-finite step(s) skipped")
+    parts.append(f"({elapsed_s / 60:.1f} min)")
+    return "  ".join(parts)
 def plot_run(history: list[dict], curve: list[list[float]], path: Path) -> None:
     """PNG of the run: loss and z-std per step, kNN / probe top-1 per epoch (0 = random init)."""
     import matplotlib
@@ -369,10 +536,47 @@ def print_summary(summary: dict, args) -> None:
     print(f"TensorBoard: tensorboard --logdir {out}/tb   history: {out}/history.json   plot: {out}/curves.png")
 
 
-if __name__ == "__main__":
+USER_ERRORS = (OSError, ValueError, ImportError, CheckpointError)
+"""A user's mistake: a bad path, option, file or checkpoint, a missing extra, a full disk. Printed as
+one line; anything else is a bug and keeps its traceback."""
+
+
+def log_error() -> Path | None:
+    """Append the current exception's traceback to ``<run>/error.log`` (once the run folder exists)."""
+    if RUN_DIR is None:
+        return None
+    path = RUN_DIR / "error.log"
     try:
-        main()
-    except (FileNotFoundError, NotADirectoryError, CheckpointError, ValueError, RuntimeError, ImportError) as exc:
-        sys.exit(f"error: {exc}")
+        with open(path, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n{traceback.format_exc()}\n")
+    except OSError:
+        return None
+    return path
+
+
+def cli(argv=None) -> int:
+    """Command-line entry: exit status 0, 1 for an error, 128 + signal after a clean stop."""
+    try:
+        main(argv)
+    except TrainingInterrupted as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
+    except USER_ERRORS as exc:
+        log_error()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        sys.exit("interrupted: the last completed epoch's checkpoint.pth in the run folder resumes with --resume")
+        print("interrupted (second signal): the last checkpoint.pth in the run folder resumes with --resume",
+              file=sys.stderr)
+        return 130
+    except Exception:
+        where = log_error()
+        traceback.print_exc()
+        if where is not None:
+            print(f"the traceback is also in {where}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -186,7 +186,7 @@ def run_point(stage: str, loader_name: str, batch: int, s: Settings, trainer: Tr
         trainer: the model side (None for ``loader``).
         projection_s: projected cost of the point from the previous batch size; above
             ``s.budget_s`` the point is skipped (status ``skipped``).
-        profiler: a :class:`bench.profiling.StepProfiler` stepped once per step (optional).
+        profiler: a :class:`model.profiling.StepProfiler` stepped once per step (optional).
     """
     row = base_row(stage, loader_name, batch, s)
     steps = point_steps(stage, row["effective_batch"], s)

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from bench.environment import environment  # noqa: E402
 from bench.memory import default_ceiling_mb  # noqa: E402
-from bench.profiling import DEFAULT_SCHEDULE, StepProfiler, parse_schedule  # noqa: E402
+from model.profiling import DEFAULT_SCHEDULE, StepProfiler, parse_schedule  # noqa: E402
 from bench.report import plot_step_time, plot_throughput, table, write_csv, write_json  # noqa: E402
 from bench.stages import STAGES, Settings, Trainer, point_steps, probe_loader, run_point  # noqa: E402
 from bench.timing import stall_share  # noqa: E402

@@ -1,40 +1,87 @@
-"""Checkpoints: atomic writes, safe loads, and the backbone exported alone.
+"""Checkpoints: verified atomic writes that keep the previous one, safe loads, newest-valid lookup.
 
-Writes go to a temporary file in the same folder, are flushed to disk, and are renamed over the
-target (``os.replace`` is atomic on POSIX), so an interrupted save never leaves a half file.
-Loads use ``torch.load(weights_only=True)`` (torch docs: only tensors and plain containers are
-unpickled), so a checkpoint can hold tensors, numbers, strings, lists, tuples and dicts only.
+A training checkpoint is written to a temporary file in the run folder, flushed to disk, read back
+and checked (:func:`load_checkpoint`), and only then put in place: the current ``checkpoint.pth``
+becomes ``checkpoint.prev.pth`` and the new file is renamed to ``checkpoint.pth`` (``os.replace``
+is atomic on POSIX). A crash, a full disk or a failed check at any point leaves the last good
+checkpoint readable. Loads use ``torch.load(weights_only=True)`` (torch docs: only tensors and plain
+containers are unpickled), so a checkpoint holds tensors, numbers, strings, lists, tuples and dicts.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
+CHECKPOINT = "checkpoint.pth"
+PREVIOUS = "checkpoint.prev.pth"
+REQUIRED = ("model", "optimizer", "epoch")
+
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or not one this trainer wrote."""
+    """A checkpoint is missing, unreadable, not one this trainer wrote, or could not be written."""
 
 
-def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` through a temporary file and an atomic rename."""
+def _write_synced(obj, tmp: Path) -> None:
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_atomic(obj, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` through a temporary file and an atomic rename.
+
+    Raises:
+        OSError: the write failed (disk full, read-only folder); ``path`` is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(obj, tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ("model", "optimizer", "epoch")) -> dict:
+def save_checkpoint(state: dict, folder: str | os.PathLike) -> Path:
+    """Write ``state`` as ``folder/checkpoint.pth``, verified, keeping the previous one as
+    ``checkpoint.prev.pth``.
+
+    Returns:
+        the path written.
+
+    Raises:
+        CheckpointError: the write or the read-back check failed (disk full, read-only folder, ...);
+            the message names what failed, and the previous checkpoint is untouched.
+    """
+    folder = Path(folder)
+    path, prev = folder / CHECKPOINT, folder / PREVIOUS
+    tmp = folder / f".{CHECKPOINT}.tmp{os.getpid()}"
+    for stale in folder.glob(f".{CHECKPOINT}.tmp*"):  # left by a process killed while writing
+        stale.unlink(missing_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_synced(state, tmp)
+        load_checkpoint(tmp)  # read back: a checkpoint that cannot be resumed never replaces a good one
+        if path.exists():
+            os.replace(path, prev)
+        os.replace(tmp, path)
+    except (OSError, CheckpointError) as exc:
+        kept = path if path.exists() else prev if prev.exists() else None
+        raise CheckpointError(f"could not write checkpoint {path} ({type(exc).__name__}: {exc}); "
+                              + (f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists")
+                              ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = REQUIRED) -> dict:
     """Load a training checkpoint on the CPU with ``weights_only=True``.
 
     Raises:
@@ -56,3 +103,27 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ("model
         missing = [k for k in required if not isinstance(state, dict) or k not in state]
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not written by this trainer")
     return state
+
+
+def load_latest(folder: str | os.PathLike) -> tuple[Path, dict] | None:
+    """The newest checkpoint in ``folder`` that loads: ``checkpoint.pth``, else ``checkpoint.prev.pth``
+    (with a warning naming the damaged one). None when the folder holds neither (a fresh start).
+
+    Raises:
+        CheckpointError: checkpoints exist but none of them loads.
+    """
+    folder = Path(folder)
+    candidates = [p for p in (folder / CHECKPOINT, folder / PREVIOUS) if p.exists()]
+    errors = []
+    for p in candidates:
+        try:
+            state = load_checkpoint(p)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            continue
+        if errors:
+            warnings.warn(f"{errors[0]}; resuming from the previous checkpoint {p} instead", stacklevel=2)
+        return p, state
+    if errors:
+        raise CheckpointError("; ".join(errors))
+    return None

@@ -1,8 +1,10 @@
 """SyncBatchNorm conversion: NVIDIA apex's when it imports, torch's own otherwise.
 
 torch's ``nn.SyncBatchNorm`` needs an initialised process group and CUDA tensors in training
-(torch docs: "SyncBatchNorm ... only supports GPU"); on CPU, or in a single process, there is
-nothing to synchronise, so the model keeps plain BatchNorm and the caller is warned.
+(torch docs: "SyncBatchNorm ... only supports GPU"); on the CPU (gloo), or in a single process,
+there is nothing it can synchronise, so the model keeps plain BatchNorm and the caller is warned.
+Under DDP on the CPU each rank then normalises with its own batch's statistics (rank 0's running
+statistics are broadcast at each forward by DDP).
 """
 from __future__ import annotations
 
@@ -26,19 +28,25 @@ def nvidia_apex_syncbn():
     return convert_syncbn_model
 
 
-def convert_sync_bn(model: nn.Module, device: torch.device) -> tuple[nn.Module, str]:
+def convert_sync_bn(model: nn.Module, device: torch.device, warn: bool = True) -> tuple[nn.Module, str]:
     """Convert every BatchNorm of ``model`` to a synchronised one when that can work.
 
+    Args:
+        warn: say why plain BN is kept (pass ``ctx.is_main`` so only rank 0 warns).
+
     Returns:
-        ``(model, kind)`` with ``kind`` one of ``"apex"``, ``"torch"`` or ``"none"`` (plain BN kept,
-        after a warning saying why: no process group, world size 1, or a CPU device).
+        ``(model, kind)`` with ``kind`` one of ``"apex"``, ``"torch"`` or ``"none"`` (plain BN kept:
+        no process group, or a CPU device).
     """
+    reason = None
     if device.type != "cuda":
-        warnings.warn("--sync-bn: SyncBatchNorm needs CUDA tensors; keeping plain BatchNorm on the CPU", stacklevel=2)
-        return model, "none"
-    if not (dist.is_available() and dist.is_initialized()):
-        warnings.warn("--sync-bn: no torch.distributed process group is initialised; keeping plain BatchNorm "
-                      "(launch with torchrun to synchronise BN across ranks)", stacklevel=2)
+        reason = "--sync-bn: SyncBatchNorm needs CUDA tensors; keeping plain BatchNorm on the CPU"
+    elif not (dist.is_available() and dist.is_initialized()):
+        reason = ("--sync-bn: no torch.distributed process group is initialised; keeping plain BatchNorm "
+                  "(launch with torchrun to synchronise BN across ranks)")
+    if reason is not None:
+        if warn:
+            warnings.warn(reason, stacklevel=2)
         return model, "none"
     apex_convert = nvidia_apex_syncbn()
     if apex_convert is not None:

@@ -32,10 +32,11 @@ class SyntheticLoader:
         self.num_samples, self.batch_size, self.size = num_samples, batch_size, size
         self.device, self.channels_last, self.dtype = torch.device(device), channels_last, dtype
         self.seed, self.num_classes, self.pool = seed, num_classes, max(1, min(pool, self._len))
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select epoch ``epoch``; skip its first ``start`` batches (mid-epoch resume)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return self._len
@@ -49,5 +50,5 @@ class SyntheticLoader:
         batches = [TwoViewBatch(self._make(g), self._make(g),
                                 torch.randint(self.num_classes, (self.batch_size,), generator=g, device=self.device))
                    for _ in range(self.pool)]
-        for i in range(self._len):
+        for i in range(self.start, self._len):
             yield batches[i % self.pool]

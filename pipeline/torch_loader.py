@@ -66,11 +66,11 @@ class EpochSampler(Sampler):
 
     def __init__(self, num_samples: int, seed: int, rank: int, world_size: int):
         self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
     def __iter__(self):
         order = shard_order(self.num_samples, self.seed, self.epoch, self.rank, self.world_size)
-        return iter([(i, self.epoch) for i in order])
+        return iter([(i, self.epoch) for i in order[self.skip:]])
 
     def __len__(self) -> int:
         return self.num_samples // self.world_size
@@ -110,9 +110,10 @@ class TorchLoader:
             persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select epoch ``epoch``'s order and augmentation draws (deterministic from the seed)."""
-        self.sampler.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select epoch ``epoch``'s order and augmentation draws (deterministic from the seed), and skip
+        its first ``start`` batches (mid-epoch resume)."""
+        self.sampler.epoch, self.sampler.skip = epoch, start * self.batch_size
 
     def __len__(self) -> int:
         return self._len

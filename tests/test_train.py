@@ -2,6 +2,7 @@
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from model.loss import SimSiamLoss
 from model.precision import Precision
 from model.simsiam import SimSiam
 from model.step import train_step
+from model.training import recipe_sgd
 from pipeline import build_loader, recipe
 
 TINY = ["--image-size", "8", "--small-stem", "--dim", "128", "--pred-dim", "32", "-b", "50", "--no-progress"]
@@ -55,11 +57,11 @@ def test_short_run_lowers_loss_and_reports_knn(fmnist_slice, tmp_path, capsys):
 def steps_z_std(batches, stop_gradient, steps=40):
     torch.manual_seed(0)
     model = SimSiam("resnet18", dim=256, pred_dim=64, small_image=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-4)
+    opt = recipe_sgd(model, lr=0.2)
     crit = SimSiamLoss(stop_gradient=stop_gradient)
     precision = Precision("off", torch.device("cpu"))
-    return [train_step(model, crit, batches[i % len(batches)].view1, batches[i % len(batches)].view2, opt, precision)
-            for i in range(steps)]
+    stats = [train_step(model, crit, iter([batches[i % len(batches)]]), opt, precision) for i in range(steps)]
+    return [SimpleNamespace(loss=s.loss.item(), z_std=s.z_std.item()) for s in stats]
 
 
 def test_without_stop_gradient_the_output_collapses(fmnist_slice):

@@ -1,5 +1,7 @@
 """``--profile`` for ``train.py`` and ``bench/throughput.py``: one torch.profiler schedule, two trace formats.
 
+It lives beside the training step (not in ``bench/``) because the trainer and the benchmark both use it.
+
 The profiler follows a ``wait, warmup, active`` schedule (torch.profiler docs, "Using profiler to
 analyze long-running jobs"), records shapes and memory, and when the active window closes writes
 
@@ -10,18 +12,17 @@ analyze long-running jobs"), records shapes and memory, and when the active wind
   opens without any plugin at https://ui.perfetto.dev or chrome://tracing, and which
   ``bench/trace_summary.py`` reads.
 
-The loop is labelled with :func:`torch.profiler.record_function` ranges: ``data`` (fetching the
-next batch, :func:`labelled`) here, ``forward``/``loss``/``backward``/``optimizer`` in
-:func:`model.step.train_step`.
+The step is labelled with :func:`torch.profiler.record_function` ranges ``data`` (waiting for the
+next batch), ``forward``, ``loss``, ``backward`` and ``optimizer`` (:func:`model.step.train_step`).
 """
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
-from torch.profiler import ProfilerActivity, record_function
+from torch.profiler import ProfilerActivity
 
 DEFAULT_SCHEDULE = (1, 2, 5)  # wait, warmup, active steps
 
@@ -39,18 +40,6 @@ def parse_schedule(text: str) -> tuple[int, int, int]:
     if wait < 0 or warmup < 0 or active < 1:
         raise ValueError(f"--profile-schedule needs wait >= 0, warmup >= 0, active >= 1, got {text!r}")
     return wait, warmup, active
-
-
-def labelled(batches: Iterable, name: str = "data") -> Iterator:
-    """Yield from ``batches``, each fetch inside ``record_function(name)`` (the ``data`` range)."""
-    it = iter(batches)
-    while True:
-        with record_function(name):
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-        yield batch
 
 
 class StepProfiler:
@@ -71,6 +60,8 @@ class StepProfiler:
                  device: torch.device | str = "cpu", enabled: bool = True):
         self.out_dir, self.schedule, self.enabled = Path(out_dir), schedule, enabled
         self.traces: list[Path] = []
+        self.steps = 0
+        self.short_message: str | None = None
         self._prof = None
         if not enabled:
             return
@@ -102,13 +93,25 @@ class StepProfiler:
     def step(self) -> None:
         """Mark the end of one training step (advances the schedule)."""
         if self._prof is not None:
+            self.steps += 1
             self._prof.step()
 
     def stop(self) -> list[Path]:
-        """Stop profiling (flushing a window still open) and return the Chrome JSON paths."""
+        """Stop profiling and return the Chrome JSON paths written.
+
+        A run shorter than the schedule writes no trace; then ``short_message`` says so, with the
+        number of steps the schedule needs, and a warning is issued.
+        """
         if self._prof is not None:
             self._prof.stop()
             self._prof = None
+            if not self.traces:
+                wait, warmup, active = self.schedule
+                self.short_message = (
+                    f"profiler: no trace written: the run made {self.steps} step(s), the schedule "
+                    f"{wait},{warmup},{active} (wait,warmup,active) needs {wait + warmup + active}; "
+                    f"run longer or pass a shorter --profile-schedule")
+                warnings.warn(self.short_message, stacklevel=2)
         return self.traces
 
     def __enter__(self) -> "StepProfiler":

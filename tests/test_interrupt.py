@@ -1,0 +1,171 @@
+"""When things go wrong: signals, kills, damaged checkpoints, a full disk, short profiles, bugs.
+
+Every training here is a subprocess of ``train.py`` (or ``tests/dist/faulty_train.py``, which
+injects one signal at a chosen step) on a 200-image slice of Fashion-MNIST with a tiny model, so
+whole runs take seconds and their final weights can be compared exactly.
+"""
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model import checkpoint as ckpt_module
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--image-size", "8", "--small-stem", "--dim", "64", "--pred-dim", "16", "-b", "40", "-j", "0",
+        "--no-knn", "--log-every", "2", "--epochs", "2"]
+
+
+def run(args, env_extra=None, script="train.py", **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env, **kw)
+
+
+def weights(folder):
+    return torch.load(Path(folder) / "checkpoint.pth", weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.fixture(scope="module")
+def data(fmnist_root, tmp_path_factory):
+    from conftest import copy_slice
+    return copy_slice(fmnist_root, tmp_path_factory.mktemp("stop_data"), per_class=20)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted run: 2 epochs of 5 steps."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    res = run(["--data", str(data), "--out", str(out), *TINY])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+def test_sigterm_mid_epoch_checkpoints_the_position_and_resume_matches(data, reference, tmp_path):
+    out = tmp_path / "run"
+    res = run(["--data", str(data), "--out", str(out), *TINY], {"FAULT_STEP": "3", "FAULT_SIGNAL": "TERM"},
+              script="tests/dist/faulty_train.py")
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr[-2000:]
+    assert "stopped by SIGTERM at epoch 1, step 3/5" in res.stderr and "--resume auto" in res.stderr
+    assert "Traceback" not in res.stderr
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 3)
+    res = run(["--data", str(data), "--out", str(out), "--resume", "auto", *TINY])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed from" in res.stdout and "at epoch 1, step 3/5" in res.stdout
+    assert_same_weights(reference, out)
+
+
+def test_sigkill_at_three_random_moments_then_resume_matches(data, reference, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(data), "--out", str(out), "--resume", "auto", "--save-every", "2steps", *TINY]
+    rng = random.Random(1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(4.0, 12.0))  # import + scan take a few seconds; then a step is ~0.1-1 s
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    res = run(args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert_same_weights(reference, out)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint.pth", "checkpoint.prev.pth"):
+        (out / name).write_bytes((reference / name).read_bytes())
+    assert torch.load(out / "checkpoint.prev.pth", weights_only=True)["epoch"] == 1
+    data_bytes = (out / "checkpoint.pth").read_bytes()
+    (out / "checkpoint.pth").write_bytes(data_bytes[: len(data_bytes) // 3])  # cut while being copied, say
+    res = run(["--data", str(data), "--out", str(out), "--resume", "auto", *TINY])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "is damaged" in res.stderr and "resuming from the previous checkpoint" in res.stderr
+    assert "after epoch 1" in res.stdout
+    assert_same_weights(reference, out)  # epoch 2 trained again from epoch 1 gives the same weights
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_says_so(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real, calls = ckpt_module._write_synced, []
+
+    def failing(obj, tmp):
+        calls.append(tmp)
+        if len(calls) == 2:  # epoch 2's checkpoint
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, tmp)
+
+    monkeypatch.setattr(ckpt_module, "_write_synced", failing)
+    with pytest.raises(train.CheckpointError) as info:
+        train.main(["--data", str(data), "--out", str(out), *TINY])
+    message = str(info.value)
+    assert "No space left on device" in message and f"previous checkpoint {out / 'checkpoint.pth'} is intact" in message
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["epoch"] == 1  # epoch 1's checkpoint, untouched
+    assert not list(out.glob(".checkpoint.pth.tmp*"))  # no half file left behind
+
+
+def test_profile_schedule_longer_than_the_run_says_so(data, tmp_path):
+    res = run(["--data", str(data), "--out", str(tmp_path / "p"), *TINY[:-2], "--epochs", "1",
+               "--profile", "--profile-schedule", "5,5,5"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "no trace written: the run made 5 step(s)" in res.stderr and "needs 15" in res.stderr
+
+
+def test_a_bug_keeps_its_traceback_in_error_log(data, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the step")
+
+    monkeypatch.setattr(train, "train_step", broken)
+    out = tmp_path / "run"
+    assert train.cli(["--data", str(data), "--out", str(out), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "a bug in the step" in err and "error.log" in err
+    log = (out / "error.log").read_text()
+    assert "Traceback" in log and "RuntimeError: a bug in the step" in log
+
+
+def test_a_user_mistake_is_one_line(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.cli(["--data", str(data), "--out", str(out), *TINY, "-b", "1000"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: batch size 1000 is larger than") and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_log_without_terminal_has_one_line_per_epoch(data, tmp_path):
+    res = run(["--data", str(data), "--out", str(tmp_path / "r"), *TINY])
+    assert res.returncode == 0
+    assert "\r" not in res.stderr and "\r" not in res.stdout  # no progress-bar refreshes in a log file
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("epoch ") and "images/s" in ln]
+    assert [ln.split()[1] for ln in lines] == ["1/2", "2/2"]
+
+
+def test_help_shows_each_default_once():
+    text = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "400"}).stdout
+    assert "(default: None) (default" not in text and text.count("(default: all) (default") == 0
+    lines = {ln.split()[0].rstrip(","): ln for ln in text.splitlines() if ln.strip().startswith("-")}
+    for opt, default in (("--epochs", "3"), ("--momentum", "0.9"), ("--wd", "0.0001"), ("-a", "resnet18"),
+                         ("--seed", "0"), ("--knn-k", "200"), ("--knn-t", "0.1"), ("--amp", "off"),
+                         ("--predictor", "learned"), ("--accum", "1"), ("--log-every", "20")):
+        assert f"(default: {default})" in lines[opt], lines[opt]
+    for ln in lines.values():
+        assert ln.count("(default:") <= 1, ln
