@@ -21,11 +21,11 @@ from typing import Callable
 import torch
 from torch.profiler import record_function
 
+from model.distributed import DistContext
 from model.loss import SimSiamLoss
-from model.norm import convert_sync_bn
 from model.precision import Precision
-from model.simsiam import SimSiam
 from model.step import train_step
+from model.training import build_simsiam, recipe_sgd
 from pipeline import build_loader, recipe
 from pipeline.imagefolder import ImageList
 
@@ -76,50 +76,28 @@ class Settings:
 
 
 class Trainer:
-    """The model side of a run: SimSiam + loss + SGD + precision, built once and reused by every point."""
+    """The model side of a run, built as ``train.py`` builds it (:mod:`model.training`) and stepped by the
+    same :func:`model.step.train_step` (with ``--accum``): built once and reused by every point.
 
-    def __init__(self, s: Settings):
-        model = SimSiam(s.arch, s.dim, s.pred_dim, s.small_stem)
-        if s.sync_bn:
-            model, s.sync_bn_kind = convert_sync_bn(model, s.device)
-        fmt = torch.channels_last if s.channels_last else torch.contiguous_format
-        self.model = model.to(s.device, memory_format=fmt).train()
-        self.step_model = torch.compile(self.model) if s.compile else self.model
+    Args:
+        s: the run's settings; ``s.sync_bn_kind`` is set to the SyncBN kind actually used.
+        ctx: this process's place among its peers (default: one process on ``s.device``).
+    """
+
+    def __init__(self, s: Settings, ctx: DistContext | None = None):
+        ctx = ctx or DistContext(device=s.device)
+        built = build_simsiam(ctx, s.arch, s.dim, s.pred_dim, s.small_stem, sync_bn=s.sync_bn,
+                              channels_last=s.channels_last, compile=s.compile)
+        s.sync_bn_kind = built.sync_bn
+        self.model, self.step_model = built.model.train(), built.step_model
         self.criterion = SimSiamLoss()
-        self.optimizer = torch.optim.SGD(self.model.param_groups(True), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        self.optimizer = recipe_sgd(self.model, lr=0.05)
         self.precision = Precision(s.amp, s.device)
 
     def step(self, batches, accum: int = 1) -> int:
-        """One optimiser step over ``accum`` batches from iterator ``batches``; returns images used."""
-        if accum == 1:
-            with record_function("data"):
-                b = next(batches)
-            train_step(self.step_model, self.criterion, b.view1, b.view2, self.optimizer, self.precision)
-            return b.view1.shape[0]
-        return self._accumulated(batches, accum)
-
-    def _accumulated(self, batches, accum: int) -> int:
-        """Gradient accumulation: ``accum`` forward/backward passes (loss / accum), then one update."""
-        opt, prec, images = self.optimizer, self.precision, 0
-        opt.zero_grad(set_to_none=True)
-        for _ in range(accum):
-            with record_function("data"):
-                b = next(batches)
-            with prec.autocast():
-                with record_function("forward"):
-                    out = self.step_model(b.view1, b.view2)
-                with record_function("loss"):
-                    loss = self.criterion(*out) / accum
-            with record_function("backward"):
-                (prec.scaler.scale(loss) if prec.scaler is not None else loss).backward()
-            images += b.view1.shape[0]
-        with record_function("optimizer"):
-            if prec.scaler is not None:
-                prec.scaler.step(opt)
-                prec.scaler.update()
-            else:
-                opt.step()
-        return images
+        """One optimiser step over ``accum`` batches from iterator ``batches``; returns images used.
+        Nothing is read back to the host: the caller synchronises around its timed windows."""
+        return train_step(self.step_model, self.criterion, batches, self.optimizer, self.precision, accum).images
 
 
 class TimedIter:
