@@ -54,8 +54,15 @@ def parse_every(text: str) -> tuple[str, float]:
     return "seconds", value * (60 if unit in ("min", "m") else 1)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every option's default shown once (help texts that name theirs keep that one)."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", default=DEFAULT_DATA,
                    help="ImageFolder root with train/ and val/ splits; the default is prepared from Fashion-MNIST when missing")
