@@ -45,7 +45,11 @@ def view_transform(aug: AugmentConfig) -> v2.Compose:
 
 
 class TwoViewDataset(Dataset):
-    """Indexed by ``(image index, epoch)``; returns ``(view1, view2, label)``, views ``(3, S, S)`` float32."""
+    """Indexed by ``(image index, epoch)``; returns ``(view1, view2, label)``, views ``(3, S, S)`` float32.
+
+    Raises:
+        ValueError: the image no longer decodes (it changed after the scan); the message names it.
+    """
 
     def __init__(self, images: ImageList, aug: AugmentConfig, seed: int):
         self.samples, self.seed = images.samples, seed
@@ -57,7 +61,11 @@ class TwoViewDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
         path, label = self.samples[index]
-        img = load_rgb(path)
+        try:
+            img = load_rgb(path)
+        except Exception as exc:  # PIL raises many types; the scan found this file decodable
+            raise ValueError(f"{path} no longer decodes ({type(exc).__name__}: {exc}); it changed after "
+                             f"the scan: remove or restore it (the next run's scan skips it)") from exc
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(epoch_seed(self.seed, epoch, index))
             return self.transform(img), self.transform(img), label
