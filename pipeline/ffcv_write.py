@@ -14,7 +14,7 @@ by its EXIF orientation, grey, palette, CMYK and RGBA converted to 8-bit RGB (al
 inside its worker process on a 2-D grey array, and its writer then waits forever.
 
 What is stored: each image at full size, except that an image larger than
-:data:`MAX_RGB_PIXELS` (about 2.8 Mpixel, e.g. 1670×1670: its raw RGB bytes must fit one 8 MiB
+:data:`MAX_RGB_PIXELS` (about 2.8 Mpixel, e.g. 1665×1665: its raw RGB bytes must fit one 8 MiB
 FFCV page) or longer than ``max_resolution`` is shrunk, aspect kept, to fit. The writer prints
 how many were shrunk and the largest change, and the sidecar records both rules and the count.
 The page is not raised instead: FFCV's crop decoder allocates, per batch slot, room for the
