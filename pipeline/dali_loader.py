@@ -25,10 +25,19 @@ module adds around the graph:
   reference (without it, the iterator copies into fresh ``torch.empty`` tensors), so a batch
   kept by the training loop is never overwritten (tested in ``tests/test_dali_loader.py``).
 - **Bad files**: the same :class:`~pipeline.imagefolder.ImageList` as the torch loader, so files PIL
-  cannot decode never reach DALI. A file PIL decodes but DALI does not stops the epoch with a
+  cannot decode never reach DALI. Files PIL decodes but DALI does not (a GIF named ``.jpg``, see
+  :mod:`pipeline.formats`) are read from lossless PNG copies of PIL's pixels, made before the
+  first step and announced in a warning, so DALI trains on the same images as the other loaders.
+  A file that still fails in DALI (changed after the scan) stops the epoch with a
   :class:`DaliDecodeError` that names the file (never a hang).
+- **Mid-epoch resume**: ``set_epoch(epoch, start)`` hands the reader only the files of batches
+  ``start..len-1`` of the epoch's order, so a resumed epoch reads exactly the images an
+  uninterrupted one reads from that batch on, in the same order. The augmentation draws are
+  not replayed: DALI's random ops draw from the pipeline's own RNG from its first batch on.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from nvidia.dali import backend as dali_backend
@@ -38,12 +47,13 @@ from .augment import AugmentConfig
 from .batch import TwoViewBatch
 from .dali_pipeline import READER, first_undecodable, simsiam_pipeline
 from .device import to_training_layout
+from .formats import dali_sources
 from .imagefolder import ImageList, scan_image_folder
-from .sampling import check_batch_size, epoch_seed, shard_order
+from .sampling import check_batch_size, check_start, epoch_seed, shard_order, shard_size
 
 
-class DaliDecodeError(RuntimeError):
-    """DALI stopped on a file (usually one PIL decodes but DALI's decoders do not)."""
+class DaliDecodeError(ValueError):
+    """DALI stopped on a file it could not read (one line naming it): a data problem, not a bug."""
 
 
 def dali_placement(device: torch.device, cpu_decode: bool = False) -> tuple[int | None, str, str]:
@@ -55,17 +65,18 @@ def dali_placement(device: torch.device, cpu_decode: bool = False) -> tuple[int 
         ``cpu_decode``.
 
     Raises:
-        RuntimeError: ``device`` is CUDA and DALI sees no CUDA GPU (one sentence, no DALI trace).
+        ValueError: ``device`` is neither CPU nor CUDA, or is CUDA and DALI sees no such GPU
+            (one sentence, no DALI trace).
     """
     if device.type == "cpu":
         return None, "cpu", "cpu"
     if device.type != "cuda":
-        raise RuntimeError(f"--loader dali delivers batches on the CPU or a CUDA GPU, not on {device}")
+        raise ValueError(f"--loader dali delivers batches on the CPU or a CUDA GPU, not on {device}")
     count = dali_backend.GetCUDADeviceCount()
     index = torch.cuda.current_device() if device.index is None and count else (device.index or 0)
     if count == 0 or index >= count:
-        raise RuntimeError(f"--loader dali was asked to decode and augment on {device}, but DALI sees "
-                           f"{count} CUDA GPU(s); use --device cpu (DALI then runs on the CPU)")
+        raise ValueError(f"--loader dali was asked to decode and augment on {device}, but DALI sees "
+                         f"{count} CUDA GPU(s); use --device cpu (DALI then runs on the CPU)")
     return index, ("cpu" if cpu_decode else "mixed"), "gpu"
 
 
@@ -104,10 +115,18 @@ class DaliLoader:
     Yields:
         :class:`TwoViewBatch`: views ``(B, 3, S, S)``, label ``(B,)`` int64, all on ``device``.
 
+    Attributes:
+        paths: per sample of ``images``, the file DALI reads (the sample, or its PNG copy).
+        converted: ``(path, kind)`` of the samples read from a PNG copy (see :mod:`pipeline.formats`).
+
+    Warns:
+        UserWarning: some files are read from PNG copies (names the first few and the count).
+
     Raises:
-        FileNotFoundError, RuntimeError: from :func:`pipeline.imagefolder.scan_image_folder`.
-        ValueError: batch size larger than this rank's shard.
-        RuntimeError: a CUDA ``device`` DALI cannot see (see :func:`dali_placement`).
+        FileNotFoundError, ValueError: from :func:`pipeline.imagefolder.scan_image_folder`.
+        ValueError: batch size larger than this rank's shard; bad rank / world size; a CUDA
+            ``device`` DALI cannot see (see :func:`dali_placement`).
+        OSError: a PNG copy cannot be written.
         DaliDecodeError: (while iterating) DALI could not decode a file; the message names it.
     """
 
@@ -121,23 +140,36 @@ class DaliLoader:
         self.batch_size, self.aug = batch_size, aug
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.workers, self.prefetch = max(1, workers), max(1, prefetch)
-        self.num_samples = len(self.images) // world_size
+        self.num_samples = shard_size(len(self.images), rank, world_size)
         self._len = check_batch_size(batch_size, self.num_samples, f"shard {rank} of {self.images.root}")
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
+        self.paths, self.converted = dali_sources(self.images)
+        if self.converted:
+            kinds = sorted({k for _, k in self.converted})
+            names = "; ".join(p for p, _ in self.converted[:3])
+            more = f" and {len(self.converted) - 3} more" if len(self.converted) > 3 else ""
+            warnings.warn(f"DALI cannot decode {len(self.converted)} file(s) of {self.images.root} as PIL does "
+                          f"({', '.join(kinds)}); it reads lossless PNG copies of them made with PIL: "
+                          f"{names}{more}", stacklevel=2)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select epoch ``epoch``'s order and augmentation draws (deterministic from the seed)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select epoch ``epoch``'s order (deterministic from the seed) and skip its first
+        ``start`` batches: iteration then yields batches ``start..len(self)-1`` of that epoch.
+
+        Raises:
+            ValueError: ``start`` outside ``0..len(self)``.
+        """
+        self.epoch, self.start = epoch, check_start(start, self._len)
 
     def __len__(self) -> int:
         return self._len
 
-    def epoch_files(self, epoch: int) -> tuple[list[str], list[int]]:
-        """Paths and labels this rank reads in ``epoch``, in order: ``len(self) * batch_size`` of them."""
+    def epoch_files(self, epoch: int, start: int = 0) -> tuple[list[str], list[int]]:
+        """Files (as DALI reads them, see ``paths``) and labels of batches ``start..len(self)-1`` of
+        ``epoch`` on this rank, in order: ``(len(self) - start) * batch_size`` of them."""
         order = shard_order(len(self.images), self.seed, epoch, self.rank, self.world_size)
-        order = order[:self._len * self.batch_size]
-        samples = self.images.samples
-        return [samples[i][0] for i in order], [samples[i][1] for i in order]
+        order = order[start * self.batch_size:self._len * self.batch_size]
+        return [self.paths[i] for i in order], [self.images.samples[i][1] for i in order]
 
     def _build(self, files: list[str], labels: list[int]):
         out_dtype = "float16" if self.dtype == torch.float16 else "float32"
@@ -157,7 +189,9 @@ class DaliLoader:
         return to_training_layout(x, self.device, self.channels_last, self.dtype)
 
     def __iter__(self):
-        files, labels = self.epoch_files(self.epoch)
+        files, labels = self.epoch_files(self.epoch, self.start)
+        if not files:  # resumed after the epoch's last batch
+            return
         try:
             iterator = self._build(files, labels)  # runs the first batches already
         except RuntimeError as exc:
@@ -165,7 +199,7 @@ class DaliLoader:
                 raise
             raise self._decode_error(exc, files) from exc
         try:
-            for step in range(self._len):
+            for step in range(self._len - self.start):
                 try:
                     out = next(iterator)[0]
                 except StopIteration:  # cannot happen with a whole-batch file list; never yield short

@@ -1,7 +1,9 @@
 """Un-augmented single views for the kNN monitor and linear probe.
 
-Images are resized (shorter side) and centre-cropped to the view size, decoded once with a
-DataLoader and kept in memory as uint8 ``(N, 3, S, S)``; each evaluation only normalises batches.
+Images are decoded as every loader decodes them (:func:`pipeline.imagefolder.load_rgb`: upright by
+their EXIF orientation, 8-bit RGB), resized (shorter side) and centre-cropped to the view size,
+decoded once with a DataLoader and kept in memory as uint8 ``(N, 3, S, S)``; each evaluation only
+normalises batches.
 """
 from __future__ import annotations
 

@@ -11,44 +11,54 @@ on the training device (:class:`pipeline.gpu_augment.GpuAugment`).
 
 Pitfalls this module avoids (see ``shared/DESIGN.md``): ``NormalizeImage`` after ``ToTensor``
 makes ``Loader()`` loop forever on CPU (libffcv/ffcv#396), so FFCV never normalises here;
-``ToDevice('cuda')`` without a GPU is a driver error, so it is only added for CUDA devices;
-``import ffcv`` and every FFCV epoch call ``torch.set_num_threads(num_workers)``, so the caller's
-thread count is restored. FFCV compiles its pipeline with numba on the first batch of each
-loader (40–50 s on this 2-core machine); the loader says so once.
+``ToDevice('cuda')`` without a GPU is a driver error, so it is only added for CUDA devices; FFCV
+changes the caller's torch thread count on import and every epoch, and corrupts numba's type
+registry, both undone by :mod:`pipeline.ffcv_runtime`. FFCV compiles its pipeline with numba on
+the first batch of each loader (20–50 s on this 2-core machine); the loader says so once.
 
-Determinism: the sample order is FFCV's, a function of ``(seed, epoch)`` (``RANDOM``: numpy
-``default_rng(seed + epoch)``; distributed: torch ``DistributedSampler(seed)``); the on-device
-colour stage draws from a generator seeded with ``(seed, epoch, rank)``. FFCV's crop and flip use
-numba's per-thread RNG, which FFCV does not seed: they are not reproducible across runs.
+Order and shards: the sample order is ours, not FFCV's: a traversal order handed to FFCV's
+``Loader`` reads exactly :func:`pipeline.sampling.shard_order` ``(n, seed, epoch, rank,
+world_size)`` each epoch, the indices and order of the torch and DALI loaders (``sequential``:
+the same shards unshuffled). ``rank`` / ``world_size`` are plain integers; no process group is
+needed, and shards are disjoint and equal (FFCV's own ``distributed=True`` pads them with
+``DistributedSampler(drop_last=False)``, so an image can be on two ranks). ``quasi_random`` is
+FFCV's page-wise shuffle (for data larger than RAM with ``os_cache=False``): an order of its own,
+a function of ``(seed, epoch)`` here, for one process only.
+
+Determinism and resume: ``set_epoch(epoch, start)`` reads batches ``start..len-1`` of that
+epoch's order, and the on-device colour stage draws each batch's parameters from a generator
+reseeded (on the host, no GPU sync) with ``epoch_seed(seed, epoch, rank, batch index)``, so a
+resumed epoch gets the same images in the same order with the same colour draws, and ranks draw
+differently. FFCV's crop and flip use numba's per-thread RNG, which FFCV does not seed: they are
+not reproducible across runs.
+
+Iteration ends cleanly however it ends: breaking out of the loop stops FFCV's epoch thread and
+releases its batch buffers (FFCV's thread would otherwise wait forever to put its end-of-epoch
+marker into a full queue: one thread and its buffers lost per early break).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import queue
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .augment import AugmentConfig
 from .batch import TwoViewBatch
 from .device import to_training_layout
+from .ffcv_runtime import import_ffcv, torch_threads_kept
 from .gpu_augment import GpuAugment
 from .imagefolder import ImageList, scan_image_folder
-from .sampling import check_batch_size, epoch_seed
+from .imagefolder import cache_dir as project_cache_dir
+from .sampling import check_batch_size, check_start, epoch_seed, shard_order, shard_size
 
 ORDERS = ("random", "quasi_random", "sequential")
-
-
-def import_ffcv():
-    """Import ``ffcv`` and restore ``torch.get_num_threads()`` (FFCV sets it to 1 on import)."""
-    n = torch.get_num_threads()
-    import ffcv  # noqa: F401
-    import ffcv.loader  # noqa: F401
-    torch.set_num_threads(n)
-    return ffcv
 
 
 def default_beton_path(images: ImageList, write_options: dict, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -68,22 +78,49 @@ def default_beton_path(images: ImageList, write_options: dict, cache_dir: str | 
         folder = root.parent / ".ffcv"
         if os.access(root.parent, os.W_OK):
             return folder / name
-        cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "simsiam-fast" / "ffcv"
+        cache_dir = project_cache_dir() / "ffcv"
     return Path(cache_dir) / name
 
 
-def _process_group(distributed: bool, rank: int, world_size: int) -> tuple[int, int]:
-    if not distributed:
-        if world_size != 1 or rank != 0:
-            raise ValueError(f"FfcvLoader shards only with distributed=True (got rank {rank}, world size "
-                             f"{world_size}); FFCV takes rank and world size from torch.distributed")
-        return 0, 1
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("FfcvLoader(distributed=True) needs an initialised torch.distributed process group "
-                           "(launch with torchrun and call torch.distributed.init_process_group first); "
-                           "for one process, use distributed=False")
-    return dist.get_rank(), dist.get_world_size()
+def _shard_traversal(loader: "FfcvLoader"):
+    """An FFCV traversal order (``ffcv.traversal_order.base.TraversalOrder``) whose epoch order
+    is ``loader.epoch_order(epoch, loader.start)``.
+
+    FFCV 1.0.2's ``Loader`` accepts a custom order only as an *instance* it then calls with itself
+    (``isinstance(order, TraversalOrder)`` → ``order(self)``), so the instance is callable.
+    """
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class ShardTraversal(TraversalOrder):
+        def __init__(self):  # TraversalOrder.__init__ needs FFCV's Loader: see __call__
+            pass
+
+        def __call__(self, ffcv_loader):
+            super().__init__(ffcv_loader)
+            loader._ffcv_attached(ffcv_loader)
+            return self
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            return loader.epoch_order(epoch, loader.start)
+
+    return ShardTraversal()
+
+
+def _stop(it) -> None:
+    """Stop an FFCV ``EpochIterator`` thread and release its buffers, wherever it is.
+
+    Its thread puts batches with a timeout and checks ``terminate_event`` between tries, but puts
+    its end-of-epoch marker with a plain blocking ``put``: after an early break with a full queue it
+    would wait forever. Setting the event and draining the queue until the thread ends covers both.
+    """
+    it.terminate_event.set()
+    while it.is_alive():
+        try:
+            it.output_queue.get(timeout=0.05)
+        except queue.Empty:
+            pass
+    it.join()
+    it.close()
 
 
 class FfcvLoader:
@@ -97,27 +134,28 @@ class FfcvLoader:
         device: training device; views, labels arrive there. CUDA adds FFCV's ``ToDevice``.
         workers: FFCV decoding threads (numba; < 1: all cores).
         channels_last: deliver views in ``torch.channels_last`` memory format.
-        seed: order seed (FFCV) and colour-stage seed.
-        rank, world_size: must be 0 and 1 unless ``distributed`` (then the process group's).
+        seed: order and colour-stage seed.
+        rank, world_size: this process's shard (see :mod:`pipeline.sampling`); plain integers,
+            e.g. torchrun's RANK and WORLD_SIZE.
         dtype: dtype of the delivered views.
         prefetch: FFCV ``batches_ahead``.
         beton: explicit ``.beton`` path (overrides the cache path for a split / ImageList).
-        order: ``random`` (default), ``quasi_random`` (data larger than RAM, with
-            ``os_cache=False``; not under ``distributed``, libffcv/ffcv#92) or ``sequential``.
+        order: ``random`` (default: :func:`~pipeline.sampling.shard_order`, as every loader),
+            ``sequential`` (the same shards in file order) or ``quasi_random`` (FFCV's page-wise
+            shuffle for data larger than RAM, with ``os_cache=False``; one process only).
         os_cache: let the OS page cache hold the file (FFCV default); False: FFCV's own cache.
-        distributed: shard with the global rank/world size of the torch.distributed group.
         cache_dir: folder for written ``.beton`` files (default next to the split).
         max_resolution, jpeg_quality, write_mode: writer options when a split must be written
             (see :func:`pipeline.ffcv_write.write_beton`).
 
     Attributes:
         batch_size, num_samples (images this rank reads per epoch), beton (path), images (the
-        :class:`ImageList` when built from a split), colour (the :class:`GpuAugment` stage).
+        :class:`ImageList` when built from a split), colour (the :class:`GpuAugment` stage),
+        rank, world_size, epoch, start (see :meth:`set_epoch`).
 
     Raises:
-        ValueError: unknown ``order``; ``quasi_random`` with ``distributed``; sharding without
-            ``distributed``; batch larger than the shard.
-        RuntimeError: ``distributed=True`` without an initialised process group.
+        ValueError: unknown ``order``; ``quasi_random`` with ``world_size > 1``; bad rank /
+            world size; batch larger than the shard (all before anything is compiled).
         pipeline.ffcv_write.BetonError: missing, truncated or wrongly-fielded ``.beton``.
     """
 
@@ -125,12 +163,12 @@ class FfcvLoader:
                  device: torch.device | str = "cpu", workers: int = 2, channels_last: bool = False,
                  seed: int = 0, rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32,
                  prefetch: int = 3, beton: str | os.PathLike | None = None, order: str = "random",
-                 os_cache: bool = True, distributed: bool = False, cache_dir: str | os.PathLike | None = None,
+                 os_cache: bool = True, cache_dir: str | os.PathLike | None = None,
                  max_resolution: int | None = None, jpeg_quality: int = 90, write_mode: str = "raw"):
         import_ffcv()
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-        from ffcv.loader import Loader, OrderOption
+        from ffcv.loader import Loader
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 
@@ -138,13 +176,15 @@ class FfcvLoader:
 
         if order not in ORDERS:
             raise ValueError(f"order {order!r} is not one of {', '.join(ORDERS)}")
-        if distributed and order == "quasi_random":
-            raise ValueError("order='quasi_random' is not supported by FFCV under distributed training "
-                             "(libffcv/ffcv#92); use order='random'")
-        self.rank, self.world_size = _process_group(distributed, rank, world_size)
+        shard_size(0, rank, world_size)  # checks rank and world size before any work
+        if world_size > 1 and order == "quasi_random":
+            raise ValueError("order='quasi_random' is FFCV's own order for one process; with world size "
+                             f"{world_size} use order='random' (the shared sharded order)")
         self.aug = aug or AugmentConfig()
         self.device, self.channels_last, self.dtype = torch.device(device), channels_last, dtype
-        self.batch_size, self.seed, self._epoch = batch_size, seed, 0
+        self.batch_size, self.seed, self.order = batch_size, seed, order
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
         self.images: ImageList | None = None
 
         if beton is None and isinstance(data_dir, (str, os.PathLike)) and str(data_dir).endswith(".beton"):
@@ -165,6 +205,9 @@ class FfcvLoader:
             raise ValueError(f"{self.beton} holds {reader.num_samples} images whose labels differ from the "
                              f"{len(self.images)} of {self.images.root}; delete it or rewrite it with "
                              f"python -m pipeline.ffcv_write --overwrite")
+        self.num_stored = reader.num_samples
+        self.num_samples = shard_size(self.num_stored, rank, world_size)
+        self._len = check_batch_size(batch_size, self.num_samples, f"rank {rank}'s shard of {self.beton}")
 
         s = self.aug.size
 
@@ -175,50 +218,84 @@ class FfcvLoader:
                 ops.append(ToDevice(self.device, non_blocking=True))
             return ops + [ToTorchImage(channels_last=True)]
 
-        threads = torch.get_num_threads()
-        order_opt = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
-                     "sequential": OrderOption.SEQUENTIAL}[order]
-        self.loader = Loader(
-            str(self.beton), batch_size=batch_size, num_workers=workers, os_cache=os_cache, order=order_opt,
-            distributed=distributed, seed=seed, drop_last=True, batches_ahead=prefetch,
-            pipelines={"image": view_ops(), "label": [IntDecoder(), ToTensor()],
-                       "image2": PipelineSpec("image", transforms=view_ops())},
-        )
-        torch.set_num_threads(threads)
-        self.num_samples = len(self.loader.first_traversal_order)
-        self._len = check_batch_size(batch_size, self.num_samples, f"rank {self.rank}'s shard of {self.beton}")
+        self._quasi = None
+        with torch_threads_kept():
+            self.loader = Loader(
+                str(self.beton), batch_size=batch_size, num_workers=workers, os_cache=os_cache,
+                order=_shard_traversal(self), seed=seed, drop_last=True, batches_ahead=prefetch,
+                pipelines={"image": view_ops(), "label": [IntDecoder(), ToTensor()],
+                           "image2": PipelineSpec("image", transforms=view_ops())},
+            )
         self.colour = GpuAugment(self.aug, flip=False, normalize=True)
         self._compiled = False
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select epoch ``epoch``'s order (FFCV ``next_epoch``) and colour draws; resume-safe."""
-        self._epoch = epoch
-        self.loader.next_epoch = epoch
+    def _ffcv_attached(self, ffcv_loader) -> None:
+        """Called by the traversal order once FFCV's ``Loader`` exists (before its first order)."""
+        if self.order == "quasi_random":
+            from ffcv.traversal_order import QuasiRandom
+
+            self._quasi = QuasiRandom(ffcv_loader)
+
+    def epoch_order(self, epoch: int, start: int = 0) -> np.ndarray:
+        """Indices into the ``.beton`` of batches ``start..len(self)-1`` of ``epoch`` on this rank:
+        ``(len(self) - start) * batch_size`` of them, uint64 as FFCV's own orders.
+
+        ``random`` / ``sequential``: :func:`pipeline.sampling.shard_order` (shuffled / not).
+        ``quasi_random``: FFCV's ``QuasiRandom`` order, from a pristine copy of its page table
+        each time (FFCV shuffles that table in place, which makes an epoch's order depend on the
+        epochs drawn before it), so it too is a function of ``(seed, epoch)``.
+        """
+        if self._quasi is not None:
+            pristine = self._quasi.page_to_samples_array
+            self._quasi.page_to_samples_array = pristine.copy()
+            try:
+                ids = np.asarray(self._quasi.sample_order(epoch))
+            finally:
+                self._quasi.page_to_samples_array = pristine
+        else:
+            ids = np.asarray(shard_order(self.num_stored, self.seed, epoch, self.rank, self.world_size,
+                                         shuffle=self.order == "random"), dtype=np.int64)
+        return ids[start * self.batch_size:self._len * self.batch_size].astype(np.uint64)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select epoch ``epoch``'s order and colour draws and skip its first ``start`` batches:
+        iteration then yields batches ``start..len(self)-1`` of that epoch (same images, order and
+        colour draws as an uninterrupted epoch). The setting holds until the next call.
+
+        Raises:
+            ValueError: ``start`` outside ``0..len(self)``.
+        """
+        self.epoch, self.start = epoch, check_start(start, self._len)
 
     def __len__(self) -> int:
         return self._len
 
     def __iter__(self):
-        threads = torch.get_num_threads()
-        epoch = self._epoch
-        g = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, epoch, self.rank))
+        epoch, start = self.epoch, self.start
+        if start == self._len:  # resumed after the epoch's last batch
+            return
+        g = torch.Generator(device=self.device)
         if not self._compiled:
             print(f"compiling FFCV pipeline ({self.beton.name}, numba: 20-50 s on the first batch, once per loader)...",
                   file=sys.stderr, flush=True)
             t0 = time.time()
-        it = iter(self.loader)
+        with torch_threads_kept() as threads:
+            self.loader.next_epoch = epoch
+            it = iter(self.loader)
         try:
-            for image, label, image2 in it:
-                torch.set_num_threads(threads)  # FFCV's epoch thread set it to num_workers
+            for index, (image, label, image2) in enumerate(it, start):
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)  # FFCV's epoch thread set it to num_workers
                 if not self._compiled:
                     self._compiled = True
                     print(f"FFCV pipeline compiled in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+                g.manual_seed(epoch_seed(self.seed, epoch, self.rank, index))  # host-side: no GPU sync
                 views = []
                 for v in (image, image2):
                     v = self.colour(v.to(self.device, non_blocking=True), generator=g)  # new tensor: FFCV reuses its buffers
                     views.append(to_training_layout(v, self.device, self.channels_last, self.dtype))
                 yield TwoViewBatch(views[0], views[1], label.reshape(-1).to(self.device, torch.int64, copy=True))
         finally:
-            it.close()
-            torch.set_num_threads(threads)
-            self._epoch = epoch + 1
+            _stop(it)
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)

@@ -7,10 +7,19 @@ Command line (one command per split)::
 
 The images are the split's :class:`~pipeline.imagefolder.ImageList`, so labels and the bad-file
 policy are the torch loader's: files PIL cannot decode (corrupt, truncated, not an image) are
-skipped, counted and named by :func:`~pipeline.imagefolder.scan_image_folder`; grey, palette,
-CMYK and RGBA images are converted to RGB as the torch loader does (``PIL.Image.convert('RGB')``;
-alpha is dropped). Every sample reaches FFCV as a ``(H, W, 3)`` uint8 array: FFCV's encoder
-raises inside its worker process on a 2-D grey array, and its writer then waits forever.
+skipped, counted and named by :func:`~pipeline.imagefolder.scan_image_folder`; every image is
+decoded as the torch loader decodes it (:func:`~pipeline.imagefolder.load_rgb`'s rules): upright
+by its EXIF orientation, grey, palette, CMYK and RGBA converted to 8-bit RGB (alpha dropped),
+16-bit scaled. Every sample reaches FFCV as a ``(H, W, 3)`` uint8 array: FFCV's encoder raises
+inside its worker process on a 2-D grey array, and its writer then waits forever.
+
+What is stored: each image at full size, except that an image larger than
+:data:`MAX_RGB_PIXELS` (about 2.8 Mpixel, e.g. 1665×1665: its raw RGB bytes must fit one 8 MiB
+FFCV page) or longer than ``max_resolution`` is shrunk, aspect kept, to fit. The writer prints
+how many were shrunk and the largest change, and the sidecar records both rules and the count.
+The page is not raised instead: FFCV's crop decoder allocates, per batch slot, room for the
+largest stored image (``RandomResizedCropRGBImageDecoder.declare_state_and_memory``), so one
+huge image would cost ``batch size × its size`` of memory in every loader.
 
 The write is idempotent and atomic: an existing output is refused unless ``overwrite=True``;
 the file is written as ``<out>.tmp-<pid>`` and renamed into place only when complete, with a
@@ -31,7 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .imagefolder import ImageList, scan_image_folder, to_rgb
+from .ffcv_runtime import import_ffcv, torch_threads_kept
+from .imagefolder import ORIENTATION, ImageList, oriented, scan_image_folder, to_rgb
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 """FFCV ``RGBImageField`` write modes (docs.ffcv.io, "Writing a dataset"): ``raw`` stores pixels,
@@ -50,25 +60,35 @@ class BetonError(ValueError):
 # are therefore downscaled so that their raw RGB bytes fit with room to spare.
 PAGE_BYTES = 4 * (1 << 21)
 MAX_RGB_PIXELS = (PAGE_BYTES - (1 << 16)) // 3
+"""Largest image stored at full size, in pixels (2,774,186: e.g. 1665×1665); larger ones are shrunk."""
 
 
-def _fit(im: Image.Image, max_resolution: int | None) -> Image.Image:
-    """8-bit RGB copy of ``im`` (:func:`~pipeline.imagefolder.to_rgb`) whose longer side is at most
-    ``max_resolution`` pixels and whose raw RGB size fits one FFCV page (:data:`MAX_RGB_PIXELS`).
+def stored_size(width: int, height: int, max_resolution: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` an upright ``width × height`` image is stored at (see :data:`MAX_RGB_PIXELS`)."""
+    scale = min(1.0, (MAX_RGB_PIXELS / (width * height)) ** 0.5)
+    if max_resolution:
+        scale = min(scale, max_resolution / max(width, height))
+    if scale >= 1:
+        return width, height
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _fit(im: Image.Image, max_resolution: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    """Upright 8-bit RGB copy of ``im`` (:func:`~pipeline.imagefolder.oriented`,
+    :func:`~pipeline.imagefolder.to_rgb`) at :func:`stored_size`, and ``im``'s upright size.
 
     JPEGs are decoded at a reduced DCT scale first (``Image.draft``), so a huge photo never
     materialises at full size; the final resize is PIL's antialiased ``reduce`` + bilinear.
     """
-    scale = min(1.0, (MAX_RGB_PIXELS / (im.width * im.height)) ** 0.5)
-    if max_resolution:
-        scale = min(scale, max_resolution / max(im.size))
-    target = (max(1, int(im.width * scale)), max(1, int(im.height * scale)))
-    if scale < 1 and im.format == "JPEG":
+    full, target = im.size, stored_size(im.width, im.height, max_resolution)
+    if target != im.size and im.format == "JPEG":
         im.draft("RGB", target)
-    im = to_rgb(im)
-    if im.width > target[0] or im.height > target[1]:
+    if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # these orientations swap width and height
+        full, target = full[::-1], target[::-1]
+    im = to_rgb(oriented(im))
+    if im.size != target:
         im = im.resize(target, Image.BILINEAR, reducing_gap=2.0)
-    return im
+    return im, full
 
 
 class _RGBSamples:
@@ -76,12 +96,18 @@ class _RGBSamples:
 
     Never raises inside FFCV's worker processes (that would hang the writer): a file that fails
     to decode now (changed since the scan) is written as a 1×1 black pixel and its index is put
-    in ``failed``, a fork-shared integer the parent checks before it renames the file into place.
+    in ``failed``, a shared integer the parent checks before it renames the file into place.
+    ``sizes`` (shared, ``(N, 4)`` int32 once read with :meth:`size_table`) receives each image's
+    upright width and height and the width and height stored.
     """
 
     def __init__(self, images: ImageList, max_resolution: int | None):
         self.samples, self.max_resolution = images.samples, max_resolution
         self.failed = mp.Value("q", -1)
+        self.sizes = mp.RawArray("i", 4 * len(self.samples))
+
+    def size_table(self) -> np.ndarray:
+        return np.frombuffer(self.sizes, dtype=np.int32).reshape(-1, 4)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -90,13 +116,24 @@ class _RGBSamples:
         path, label = self.samples[index]
         try:
             with Image.open(path) as im:
-                arr = np.asarray(_fit(im, self.max_resolution), dtype=np.uint8)
+                fitted, full = _fit(im, self.max_resolution)
+            arr = np.asarray(fitted, dtype=np.uint8)
             if arr.ndim != 3 or arr.shape[2] != 3:  # convert('RGB') guarantees this; belt and braces
                 raise ValueError(f"decoded to shape {arr.shape}")
+            self.sizes[4 * index:4 * index + 4] = [*full, arr.shape[1], arr.shape[0]]
         except Exception:  # any failure must not escape into FFCV's worker
             self.failed.value = index
             arr = np.zeros((1, 1, 3), np.uint8)
         return np.ascontiguousarray(arr), int(label)
+
+
+def _downscaled(images: ImageList, sizes: np.ndarray) -> dict:
+    """The sidecar's record of shrunk images: their count and the five largest, largest first."""
+    shrunk = np.flatnonzero((sizes[:, :2] != sizes[:, 2:]).any(1))
+    largest = shrunk[np.argsort(-sizes[shrunk, 0].astype(np.int64) * sizes[shrunk, 1], kind="stable")[:5]]
+    return {"count": int(len(shrunk)),
+            "largest": [{"file": images.samples[i][0], "size": sizes[i, :2].tolist(), "stored": sizes[i, 2:].tolist()}
+                        for i in largest]}
 
 
 def file_list_fingerprint(images: ImageList) -> str:
@@ -123,8 +160,9 @@ def write_beton(images: ImageList | str | os.PathLike, out: str | os.PathLike, *
     Args:
         images: an :class:`ImageList` or a split folder (scanned with the project's bad-file policy).
         out: output path (``.beton``). Parent folders are created.
-        max_resolution: longest image side stored, in pixels (None: full size). FFCV's
-            ImageNet example uses 256–512; the decoder crops from what is stored.
+        max_resolution: longest image side stored, in pixels (None: full size, up to
+            :data:`MAX_RGB_PIXELS` per image). FFCV's ImageNet example uses 256–512; the decoder
+            crops from what is stored. Shrunk images are counted (printed, and in the sidecar).
         jpeg_quality: 0–100, used by the ``jpg``/``smart``/``proportion`` modes (FFCV default 90).
         write_mode: one of :data:`WRITE_MODES`.
         smart_threshold: bytes above which ``smart`` stores JPEG.
@@ -140,10 +178,13 @@ def write_beton(images: ImageList | str | os.PathLike, out: str | os.PathLike, *
     Raises:
         FileExistsError: ``out`` exists and ``overwrite`` is False.
         ValueError: unknown ``write_mode``, ``jpeg_quality`` outside 0–100, ``max_resolution < 1``.
-        RuntimeError: a file that decoded during the scan failed while writing (nothing is left
+        ValueError: a file that decoded during the scan failed while writing (nothing is left
             at ``out``).
-        FileNotFoundError, RuntimeError: from :func:`~pipeline.imagefolder.scan_image_folder`.
+        FileNotFoundError, ValueError: from :func:`~pipeline.imagefolder.scan_image_folder`.
+
+    Leaves ``torch.get_num_threads()`` as it found it (see :mod:`pipeline.ffcv_runtime`).
     """
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
@@ -163,9 +204,9 @@ def write_beton(images: ImageList | str | os.PathLike, out: str | os.PathLike, *
     options = {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality, "write_mode": write_mode,
                "smart_threshold": smart_threshold, "compress_probability": compress_probability}
     if progress:
-        print(f"writing {len(images)} images of {images.root} to {out} "
-              f"({len(images.skipped)} undecodable file(s) skipped; {write_mode}, max side {max_resolution})",
-              file=sys.stderr, flush=True)
+        print(f"writing {len(images)} images of {images.root} to {out} ({len(images.skipped)} undecodable "
+              f"file(s) skipped; {write_mode}; longest side {max_resolution or 'as in the file'}, at most "
+              f"{MAX_RGB_PIXELS / 1e6:.2f} Mpixel per image)", file=sys.stderr, flush=True)
     dataset = _RGBSamples(images, max_resolution)
     writer = DatasetWriter(str(tmp), {
         "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
@@ -174,13 +215,17 @@ def write_beton(images: ImageList | str | os.PathLike, out: str | os.PathLike, *
     }, num_workers=num_workers)
     t0 = time.time()
     try:
-        writer.from_indexed_dataset(dataset, chunksize=chunksize)
+        with torch_threads_kept():
+            writer.from_indexed_dataset(dataset, chunksize=chunksize)
+        mp.active_children()  # reaps FFCV's finished writer processes, which it never joins (zombies otherwise)
         if dataset.failed.value >= 0:
             bad = images.samples[dataset.failed.value][0]
-            raise RuntimeError(f"{bad} no longer decodes (it changed after the scan); nothing written to {out}")
+            raise ValueError(f"{bad} no longer decodes (it changed after the scan); nothing written to {out}")
+        downscaled = _downscaled(images, dataset.size_table())
         meta = {"version": FORMAT_VERSION, "root": images.root, "classes": images.classes,
                 "num_samples": len(images), "labels_sha1": hashlib.sha1(np.asarray(images.labels, np.int64).tobytes()).hexdigest(),
-                "fingerprint": file_list_fingerprint(images), "skipped": images.skipped, **options}
+                "fingerprint": file_list_fingerprint(images), "skipped": images.skipped, **options,
+                "max_pixels": MAX_RGB_PIXELS, "downscaled": downscaled}
         sidecar_path(out).write_text(json.dumps(meta, indent=1))
         os.replace(tmp, out)
     finally:
@@ -188,6 +233,12 @@ def write_beton(images: ImageList | str | os.PathLike, out: str | os.PathLike, *
     if progress:
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.time() - t0:.1f} s",
               file=sys.stderr, flush=True)
+        if downscaled["count"]:
+            top = downscaled["largest"][0]
+            print(f"stored {downscaled['count']} of {len(images)} image(s) smaller than in their files "
+                  f"(longest side {max_resolution or 'unlimited'}, at most {MAX_RGB_PIXELS} pixels): largest "
+                  f"{top['file']} {'x'.join(map(str, top['size']))} -> {'x'.join(map(str, top['stored']))}; "
+                  f"listed in {sidecar_path(out)}", file=sys.stderr, flush=True)
     return out
 
 
@@ -202,6 +253,7 @@ def check_beton(path: str | os.PathLike, image_field: str = "image", label_field
             or allocation table points past the end of the file), or ``image_field`` is not an
             ``RGBImageField`` / ``label_field`` not an ``IntField``.
     """
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
 
@@ -229,10 +281,16 @@ def check_beton(path: str | os.PathLike, image_field: str = "image", label_field
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Write an ImageFolder split as an FFCV .beton (image + label).")
+    p = argparse.ArgumentParser(
+        description="Write an ImageFolder split as an FFCV .beton (image + label). Files PIL cannot decode "
+                    "are skipped and named; images are stored upright (EXIF orientation) as 8-bit RGB.")
     p.add_argument("split", help="ImageFolder split: <split>/<class>/<image>")
     p.add_argument("out", help="output .beton path")
-    p.add_argument("--max-resolution", type=int, default=None, help="longest stored side in pixels (default: full size)")
+    p.add_argument("--max-resolution", type=int, default=None,
+                   help=f"longest stored side in pixels (default: as in the file). Either way an image over "
+                        f"{MAX_RGB_PIXELS} pixels (about {int(MAX_RGB_PIXELS ** 0.5)}x{int(MAX_RGB_PIXELS ** 0.5)}) "
+                        f"is shrunk to that size, aspect kept, to fit one {PAGE_BYTES >> 20} MiB FFCV page; "
+                        f"the writer prints how many were shrunk and the sidecar <out>.json records them")
     p.add_argument("--write-mode", choices=WRITE_MODES, default="raw")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--smart-threshold", type=int, default=None, help="bytes above which --write-mode smart stores JPEG")
@@ -244,7 +302,7 @@ def main(argv=None) -> int:
         write_beton(a.split, a.out, max_resolution=a.max_resolution, jpeg_quality=a.jpeg_quality,
                     write_mode=a.write_mode, smart_threshold=a.smart_threshold,
                     compress_probability=a.compress_probability, num_workers=a.workers, overwrite=a.overwrite)
-    except (FileExistsError, FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

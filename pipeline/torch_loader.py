@@ -3,13 +3,14 @@
 Two views per image with the official SimSiam augmentation (``pipeline.augment``), applied in
 DataLoader workers. Augmentation randomness is a pure function of ``(seed, epoch, image index)``:
 each sample's two views are drawn under ``torch.random.fork_rng`` seeded from that triple, so
-the result does not depend on the number of workers, on persistent workers, or on resuming.
+the result does not depend on the number of workers, on persistent workers, or on resuming, also
+mid-epoch (``set_epoch(epoch, start)``). Images are decoded with PIL, upright by their EXIF
+orientation as DALI decodes them (:func:`pipeline.imagefolder.load_rgb`).
 """
 from __future__ import annotations
 
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
@@ -17,7 +18,7 @@ from .augment import AugmentConfig
 from .batch import TwoViewBatch
 from .device import to_training_layout
 from .imagefolder import ImageList, load_rgb, scan_image_folder
-from .sampling import check_batch_size, epoch_seed, shard_order
+from .sampling import check_batch_size, check_start, epoch_seed, shard_order, shard_size
 
 
 def view_transform(aug: AugmentConfig) -> v2.Compose:
@@ -43,7 +44,11 @@ def view_transform(aug: AugmentConfig) -> v2.Compose:
 
 
 class TwoViewDataset(Dataset):
-    """Indexed by ``(image index, epoch)``; returns ``(view1, view2, label)``, views ``(3, S, S)`` float32."""
+    """Indexed by ``(image index, epoch)``; returns ``(view1, view2, label)``, views ``(3, S, S)`` float32.
+
+    Raises:
+        ValueError: the image no longer decodes (it changed after the scan); the message names it.
+    """
 
     def __init__(self, images: ImageList, aug: AugmentConfig, seed: int):
         self.samples, self.seed = images.samples, seed
@@ -55,16 +60,26 @@ class TwoViewDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
         path, label = self.samples[index]
-        img = load_rgb(path)
+        try:
+            img = load_rgb(path)
+        except Exception as exc:  # PIL raises many types; the scan found this file decodable
+            raise ValueError(f"{path} no longer decodes ({type(exc).__name__}: {exc}); it changed after "
+                             f"the scan: remove or restore it (the next run's scan skips it)") from exc
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(epoch_seed(self.seed, epoch, index))
             return self.transform(img), self.transform(img), label
 
 
 class EpochSampler(Sampler):
-    """Yields ``(index, epoch)`` in this rank's order for the current epoch (see :mod:`pipeline.sampling`)."""
+    """Yields ``(index, epoch)`` in this rank's order for the current epoch (see :mod:`pipeline.sampling`),
+    from position ``skip`` of that order on (a mid-epoch resume skips whole batches).
+
+    Raises:
+        ValueError: bad ``rank`` / ``world_size``.
+    """
 
     def __init__(self, num_samples: int, seed: int, rank: int, world_size: int):
+        self.shard = shard_size(num_samples, rank, world_size)
         self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
         self.epoch, self.skip = 0, 0
 
@@ -73,7 +88,7 @@ class EpochSampler(Sampler):
         return iter([(i, self.epoch) for i in order[self.skip:]])
 
     def __len__(self) -> int:
-        return self.num_samples // self.world_size
+        return self.shard - self.skip
 
 
 class TorchLoader:
@@ -91,8 +106,8 @@ class TorchLoader:
         prefetch: batches prefetched per worker.
 
     Raises:
-        FileNotFoundError, RuntimeError: from :func:`pipeline.imagefolder.scan_image_folder`.
-        ValueError: batch size larger than this rank's shard.
+        FileNotFoundError, ValueError: from :func:`pipeline.imagefolder.scan_image_folder`.
+        ValueError: batch size larger than this rank's shard; bad rank / world size.
     """
 
     def __init__(self, data_dir, aug: AugmentConfig, batch_size: int, device: torch.device | str = "cpu",
@@ -102,7 +117,7 @@ class TorchLoader:
         self.device, self.channels_last, self.dtype = torch.device(device), channels_last, dtype
         self.batch_size, self.aug = batch_size, aug
         self.sampler = EpochSampler(len(self.images), seed, rank, world_size)
-        self.num_samples = len(self.sampler)
+        self.num_samples = self.sampler.shard
         self._len = check_batch_size(batch_size, self.num_samples, f"shard {rank} of {self.images.root}")
         self.loader = DataLoader(
             TwoViewDataset(self.images, aug, seed), batch_size=batch_size, sampler=self.sampler,
@@ -111,9 +126,15 @@ class TorchLoader:
         )
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select epoch ``epoch``'s order and augmentation draws (deterministic from the seed), and skip
-        its first ``start`` batches (mid-epoch resume)."""
-        self.sampler.epoch, self.sampler.skip = epoch, start * self.batch_size
+        """Select epoch ``epoch``'s order and augmentation draws (deterministic from the seed) and
+        skip its first ``start`` batches: iteration then yields batches ``start..len(self)-1`` of
+        that epoch, the same images with the same augmentations as an uninterrupted epoch.
+
+        Raises:
+            ValueError: ``start`` outside ``0..len(self)``.
+        """
+        self.sampler.epoch = epoch
+        self.sampler.skip = check_start(start, self._len) * self.batch_size
 
     def __len__(self) -> int:
         return self._len

@@ -326,7 +326,7 @@ def test_a_file_dali_cannot_decode_stops_with_its_name(photo_dir, tmp_path, dama
 
 @pytest.mark.skipif(dali_backend.GetCUDADeviceCount() > 0, reason="a GPU is visible to DALI")
 def test_gpu_asked_without_gpu_is_one_sentence(photo_folder):
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(ValueError) as info:
         build_loader("dali", data_dir=photo_folder, aug=recipe(32), batch_size=4, device="cuda")
     msg = str(info.value)
     assert "\n" not in msg and "--device cpu" in msg and "GPU" in msg

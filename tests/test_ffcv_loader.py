@@ -27,14 +27,12 @@ pytest.importorskip("ffcv")
 from pipeline import build_loader  # noqa: E402
 from pipeline.augment import AugmentConfig  # noqa: E402
 from pipeline.ffcv_loader import FfcvLoader  # noqa: E402
-from pipeline.ffcv_write import PAGE_BYTES, BetonError, check_beton, sidecar_path, write_beton  # noqa: E402
+from pipeline.ffcv_write import MAX_RGB_PIXELS, PAGE_BYTES, BetonError, check_beton, sidecar_path, write_beton  # noqa: E402
 from pipeline.gpu_augment import GpuAugment  # noqa: E402
 from pipeline.imagefolder import ImageList, scan_image_folder  # noqa: E402
+from pipeline.sampling import shard_order  # noqa: E402
 from pipeline.torch_loader import TorchLoader  # noqa: E402
 
-# numba's dispatcher finaliser raises KeyError when FFCV's compiled pipelines are garbage-collected;
-# harmless, reported by pytest as an unraisable-exception warning.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 REPO = Path(__file__).resolve().parents[1]
 AUG = AugmentConfig(size=32, blur_p=0.5)
 PROBES_PER_CLASS, BATCH = 36, 32
@@ -150,7 +148,8 @@ def test_writer_bad_inputs_converted_or_skipped(photo_dir, tmp_path):
     for name in ("corrupt.jpg", "truncated.jpg", "notes.jpg"):
         assert name in run.stderr
     reader = check_beton(out)
-    names = [Path(p).name for p, _ in scan_image_folder(tmp_path / "train").samples]
+    with pytest.warns(UserWarning, match="skipping 3 undecodable"):
+        names = [Path(p).name for p, _ in scan_image_folder(tmp_path / "train").samples]
     assert names == ["cmyk.jpg", "good.jpg", "grey.jpg", "huge.jpg", "one_pixel.png", "rgba.png"]
     px = {n: stored_pixels(reader, out, i) for i, n in enumerate(names)}
     assert px["one_pixel.png"].shape == (1, 1, 3)
@@ -162,24 +161,40 @@ def test_writer_bad_inputs_converted_or_skipped(photo_dir, tmp_path):
     assert np.abs(px["cmyk.jpg"].astype(int) - px["good.jpg"].astype(int)).mean() < 12  # same photo, re-encoded
 
 
-def test_writer_fits_huge_and_16_bit_images(photo_dir, tmp_path):
-    """Without --max-resolution a raw 6000×6000 image exceeds FFCV's 8 MiB page (its worker raised
-    and the writer hung); a 16-bit PNG was clipped to white by PIL's convert('RGB')."""
+def test_writer_fits_huge_and_16_bit_images_says_so_and_stores_upright(photo_dir, tmp_path):
+    """Without --max-resolution a raw 2500×2500 image exceeds FFCV's 8 MiB page (its worker raised
+    and the writer hung): it is shrunk, and the writer says so in its output, the sidecar and
+    --help; a 16-bit PNG was clipped to white by PIL's convert('RGB'); a phone photo with EXIF
+    orientation 6 is stored upright, as DALI and the torch loader decode it."""
     cls = tmp_path / "train" / "odd"
     cls.mkdir(parents=True)
     with Image.open(photo_dir / "imagenet_00_243.jpg") as im:
-        im.convert("RGB").resize((6000, 6000)).save(cls / "huge.jpg", quality=80)
+        upright = im.convert("RGB").resize((160, 120))
+        im.convert("RGB").resize((2500, 2500)).save(cls / "huge.jpg", quality=80)
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(ramp).save(cls / "grey16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(cls / "phone.jpg", exif=exif, quality=95)
     out = tmp_path / "odd.beton"
     run = subprocess.run([sys.executable, "-m", "pipeline.ffcv_write", str(tmp_path / "train"), str(out), "-j", "1"],
                          cwd=REPO, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr
+    assert f"stored 1 of 3 image(s) smaller than in their files (longest side unlimited, at most {MAX_RGB_PIXELS} " \
+           f"pixels): largest {cls / 'huge.jpg'} 2500x2500 -> 1665x1665" in run.stderr
     reader = check_beton(out)
-    grey16, huge = stored_pixels(reader, out, 0), stored_pixels(reader, out, 1)
-    assert huge.nbytes <= PAGE_BYTES and huge.shape[0] == huge.shape[1] > 1000
+    grey16, huge, phone = (stored_pixels(reader, out, i) for i in range(3))
+    assert huge.nbytes <= PAGE_BYTES and huge.shape == (1665, 1665, 3)
     assert grey16.shape == (64, 64, 3) and grey16.min() == 0 and grey16.max() == 255
     assert abs(int(grey16[32, 32, 0]) - int(ramp[32, 32]) // 257) <= 1
+    assert phone.shape == (120, 160, 3) and np.abs(phone.astype(int) - np.asarray(upright, int)).mean() < 4
+    meta = json.loads(sidecar_path(out).read_text())
+    assert meta["max_resolution"] is None and meta["max_pixels"] == MAX_RGB_PIXELS
+    assert meta["downscaled"] == {"count": 1, "largest": [{"file": str(cls / "huge.jpg"), "size": [2500, 2500],
+                                                           "stored": [1665, 1665]}]}
+    helped = subprocess.run([sys.executable, "-m", "pipeline.ffcv_write", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert f"an image over {MAX_RGB_PIXELS} pixels" in " ".join(helped.stdout.split())
 
 
 def test_fashion_mnist_beton_in_one_command(fmnist_slice, tmp_path):
@@ -229,16 +244,38 @@ def test_bad_beton_clear_errors(photo_folder, tmp_path):
 
 def test_argument_errors_before_compiling(photo_folder, tmp_path):
     beton = write_beton(photo_folder, tmp_path / "p.beton", num_workers=1, progress=False)
-    with pytest.raises(RuntimeError, match="process group"):
-        FfcvLoader(beton, aug=AUG, batch_size=4, distributed=True)
-    with pytest.raises(ValueError, match="distributed=True"):
-        FfcvLoader(beton, aug=AUG, batch_size=4, rank=1, world_size=2)
-    with pytest.raises(ValueError, match="ffcv#92"):
-        FfcvLoader(beton, aug=AUG, batch_size=4, distributed=True, order="quasi_random")
+    with pytest.raises(ValueError, match=r"rank 2 outside world size 2 \(ranks are 0..1\)"):
+        FfcvLoader(beton, aug=AUG, batch_size=4, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="world size must be an integer >= 1"):
+        FfcvLoader(beton, aug=AUG, batch_size=4, world_size=0)
+    with pytest.raises(ValueError, match="one process"):
+        FfcvLoader(beton, aug=AUG, batch_size=4, rank=0, world_size=2, order="quasi_random")
     with pytest.raises(ValueError, match="larger than"):
         FfcvLoader(beton, aug=AUG, batch_size=1000)
+    with pytest.raises(ValueError, match="larger than the 11 images"):  # 22 photos, 2 ranks: 11 each
+        FfcvLoader(beton, aug=AUG, batch_size=12, rank=1, world_size=2)
     with pytest.raises(ValueError, match="order"):
         FfcvLoader(beton, aug=AUG, batch_size=4, order="shuffled")
+
+
+def test_building_a_loader_leaves_numba_types_alone(photo_folder, tmp_path):
+    """FFCV's reader set ``mutable = False`` on numba's shared ``uint8[::1]`` type, which later made
+    numba's dispatcher finalisers raise KeyError (see pipeline/ffcv_runtime.py)."""
+    import numba as nb
+    shared_type = nb.uint8[::1]
+    beton = write_beton(photo_folder, tmp_path / "p.beton", num_workers=1, progress=False)
+    FfcvLoader(beton, aug=AUG, batch_size=4)  # compiles FFCV's reader (the pipeline waits for a batch)
+    assert shared_type.mutable and nb.uint8[::1] is shared_type
+
+
+def test_quasi_random_order_depends_on_seed_and_epoch_only(photo_folder, tmp_path):
+    beton = write_beton(photo_folder, tmp_path / "q.beton", num_workers=1, progress=False)
+    loader = FfcvLoader(beton, aug=AUG, batch_size=4, order="quasi_random", os_cache=False, seed=3)
+    first = loader.epoch_order(3)
+    loader.epoch_order(4)
+    assert np.array_equal(loader.epoch_order(3), first)  # FFCV's own shuffles its page table in place
+    assert len(first) == len(loader) * 4 and len(set(first.tolist())) == len(first)
+    assert np.array_equal(loader.epoch_order(3, start=2), first[8:])
 
 
 def test_batches_two_views_on_device(shared):
@@ -309,28 +346,10 @@ def test_set_epoch_and_resume_order(shared):
         loader.set_epoch(e)
         return torch.cat([b.label for b in loader])
     first = epoch_labels(2)
-    assert torch.equal(first, epoch_labels(2))
+    assert torch.equal(first, torch.cat([b.label for b in loader]))  # set_epoch holds: no silent advance
     assert not torch.equal(first, epoch_labels(3))
-    # a fresh loader (a resumed run) set to epoch 2 reads the same samples in the same order
+    # a fresh loader (a resumed run) reads the shared order: the torch and DALI loaders' order
     fresh = build_loader("ffcv", data_dir=loader.beton, aug=AUG, batch_size=BATCH, seed=0)
-    fresh.set_epoch(2)
-    order = fresh.loader.next_traversal_order()[: len(fresh) * BATCH].astype(np.int64)
-    assert torch.equal(first, labels[torch.from_numpy(order)])
-
-
-def test_distributed_takes_rank_and_world_size_from_the_process_group(photo_folder, tmp_path):
-    """A real (gloo, world size 1) process group: FFCV shards with torch's DistributedSampler."""
-    import torch.distributed as dist
-    from torch.utils.data import DistributedSampler
-
-    beton = write_beton(photo_folder, tmp_path / "d.beton", num_workers=1, progress=False)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        loader = FfcvLoader(beton, aug=AUG, batch_size=4, distributed=True, seed=7)
-        assert (loader.rank, loader.world_size, loader.num_samples) == (0, 1, check_beton(beton).num_samples)
-        loader.set_epoch(3)
-        sampler = DistributedSampler(range(loader.num_samples), shuffle=True, seed=7, drop_last=False)
-        sampler.set_epoch(3)
-        assert loader.loader.next_traversal_order().tolist() == list(sampler)
-    finally:
-        dist.destroy_process_group()
+    order = shard_order(len(images), 0, 2)[: len(fresh) * BATCH]
+    assert fresh.epoch_order(2).tolist() == order
+    assert torch.equal(first, labels[order])

@@ -114,3 +114,16 @@ def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
     rgb = np.asarray(load_rgb(str(tmp_path / "g16.png")))
     assert rgb.shape == (64, 64, 3) and rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
     assert abs(int(rgb[32, 32, 0]) - int(ramp[32, 32]) // 257) <= 1
+
+
+def test_file_changed_after_the_scan_is_named(photo_folder, tmp_path):
+    import shutil
+    root = tmp_path / "train"
+    shutil.copytree(photo_folder, root)
+    images = scan_image_folder(root)
+    victim = images.samples[3][0]
+    with open(victim, "r+b") as f:
+        f.truncate(1000)
+    loader = build_loader("torch", data_dir=images, aug=recipe(16), batch_size=22, workers=0)
+    with pytest.raises(ValueError, match=f"{victim} no longer decodes .*changed after the scan"):
+        next(iter(loader))
