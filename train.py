@@ -36,7 +36,7 @@ from model.training import build_simsiam, recipe_sgd
 from pipeline import LOADERS, build_loader, recipe
 from pipeline.datasets import prepare_fashion_mnist
 from pipeline.eval_data import EvalImages
-from pipeline.imagefolder import scan_image_folder
+from pipeline.imagefolder import scan_image_folder, write_skip_list
 
 DEFAULT_DATA = "data/fashion-mnist"
 RUN_DIR: Path | None = None  # where error.log goes once the run folder is known
@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("-j", "--workers", type=int, default=2, help="loader worker processes / threads per rank")
     d.add_argument("--image-size", type=int, default=32, help="view side in pixels")
     d.add_argument("--min-crop-scale", type=float, default=0.2, help="RandomResizedCrop minimum area (paper: 0.2)")
+    d.add_argument("--on-bad-image", choices=("skip", "error"), default="skip",
+                   help="a file that cannot be decoded: skip it (listed in <out>/skipped.txt) or stop before the first step")
     d.add_argument("--subset", type=int, default=None, help="train on a seeded random subset of this many images (default: all)")
     d.add_argument("--dali-cpu-decode", action="store_true",
                    help="--loader dali on a GPU: decode JPEGs on the CPU, augment on the GPU")
@@ -278,8 +280,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
             if not (data / "train").is_dir():
                 raise FileNotFoundError(f"data folder {data} has no train/ folder: expected "
                                         f"{data}/train/<class>/<images> (and optionally {data}/val/)")
-            train_images = scan_image_folder(data / "train").subset(args.subset, args.seed)
-            val_images = scan_image_folder(data / "val") if (data / "val").exists() else None
+            train_images = scan_image_folder(data / "train", on_bad=args.on_bad_image).subset(args.subset, args.seed)
+            val_images = scan_image_folder(data / "val", on_bad=args.on_bad_image) if (data / "val").exists() else None
         if args.loader == "synthetic":
             loader = build_loader("synthetic", num_samples=args.synthetic_size // ctx.world_size,
                                   size=args.image_size, **common)
@@ -314,6 +316,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         RUN_DIR = out
+        if train_images is not None:
+            write_skip_list([i for i in (train_images, val_images) if i is not None], out / "skipped.txt")
     state = None
     if args.resume == "auto":
         found = load_latest(out)

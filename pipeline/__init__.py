@@ -15,7 +15,8 @@ def build_loader(name: str, **kwargs):
     """Build the loader called ``name`` (one of :data:`LOADERS`).
 
     Every loader offers ``__iter__`` (yields :class:`TwoViewBatch`), ``__len__`` (batches per
-    epoch, last partial batch dropped), ``set_epoch(epoch)``, ``batch_size`` and ``num_samples``.
+    epoch, last partial batch dropped), ``set_epoch(epoch, start=0)`` (``start`` batches skipped: a
+    mid-epoch resume), ``batch_size`` and ``num_samples``.
     ``kwargs`` go to the backend's constructor (see each class for its arguments).
 
     Raises:

@@ -8,16 +8,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; ``cuda[:N]`` is checked.
 
     Raises:
-        RuntimeError: a CUDA device was asked for and none is visible.
+        ValueError: a CUDA device was asked for and none is visible (a user's option, not a bug).
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} asked for, but no CUDA GPU is visible to torch; use --device cpu")
+            raise ValueError(f"device {name!r} asked for, but no CUDA GPU is visible to torch; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+            raise ValueError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
     return dev
 
 

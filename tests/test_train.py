@@ -157,3 +157,22 @@ def test_resume_with_other_model_options_names_the_option(fmnist_slice, tmp_path
     with pytest.raises(train.CheckpointError) as info:
         run(fmnist_slice, tmp_path / "r3", "--resume", str(tmp_path / "random.pth"))
     assert "weights_only=False" not in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+def test_bad_files_are_listed_in_skipped_txt_or_stop_the_run(fmnist_slice, tmp_path, photo_dir, capsys):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(fmnist_slice, data)
+    cls = sorted((data / "train").iterdir())[0]
+    (cls / "truncated.jpg").write_bytes((next(cls.glob("*.jpg"))).read_bytes()[:100])
+    gif = tmp_path / "x.gif"
+    from PIL import Image
+    Image.open(next(photo_dir.glob("*.jpg"))).convert("P").save(gif)
+    shutil.copy(gif, cls / "disguised.jpg")  # a GIF named .jpg: PIL reads it, so every loader trains on it
+    with pytest.warns(UserWarning, match="skipping 1 undecodable file"):
+        summary = run(data, tmp_path / "r", "--epochs", "0", "--no-knn")
+    listed = (tmp_path / "r" / "skipped.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed] == [str(cls / "truncated.jpg")] and summary["history"] == []
+    assert train.cli(["--data", str(data), "--out", str(tmp_path / "e"), *TINY, "--on-bad-image", "error"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "truncated.jpg" in err and len(err.splitlines()) == 1
