@@ -131,6 +131,8 @@ class TorchvisionGpuLoader:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.images = data_dir if isinstance(data_dir, ImageList) else scan_image_folder(data_dir)
         self.device, self.channels_last, self.dtype = torch.device(device), channels_last, dtype
+        if self.device.type == "cuda" and self.device.index is None:  # the batch thread needs the index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.aug, self.batch_size, self.seed, self.rank, self.world_size = aug, batch_size, seed, rank, world_size
         self.prefetch, self.max_pad = prefetch, max_pad
         shard_order(len(self.images), seed, 0, rank, world_size)  # validates rank / world size
@@ -234,7 +236,7 @@ class TorchvisionGpuLoader:
         def produce() -> None:
             try:
                 if cuda:
-                    torch.cuda.set_device(self.device)  # this thread's current device: the training GPU
+                    torch.cuda.set_device(self.device.index)  # this thread's current device: the training GPU
                 generator = torch.Generator(device=self.device)
                 pending = []
                 for k, idx in enumerate(batches):

@@ -359,6 +359,25 @@ def test_steady_state_makes_no_host_reads(fmnist_slice):
     assert sum(counts.values()) == 0, dict(counts)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batches_show_what_the_cpu_batches_show(photo_folder):
+    """On a GPU (nvJPEG, own stream): same files in the same order as on the CPU, pixels within a
+    decoder's rounding, delivered on the device; the steady state reads nothing back."""
+    aug = still(64)
+    cpu = next(iter(TorchvisionGpuLoader(photo_folder, aug, batch_size=16, device="cpu", seed=4)))
+    loader = TorchvisionGpuLoader(photo_folder, aug, batch_size=8, device="cuda", seed=4, channels_last=True)
+    it = iter(loader)
+    gpu = [next(it)]
+    with count_host_reads() as counts:
+        gpu.append(next(it))
+    assert sum(counts.values()) == 0, dict(counts)
+    view = torch.cat([b.view1 for b in gpu])
+    assert view.is_cuda and view.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(torch.cat([b.label for b in gpu]).cpu(), cpu.label)
+    diff = (pixels(view, aug) - pixels(cpu.view1, aug)).abs().mean((1, 2, 3))
+    assert (diff < 3).all(), diff
+
+
 def test_short_train_run_beats_random_init(fmnist_slice, tmp_path):
     summary = train.main(["--data", str(fmnist_slice), "--out", str(tmp_path), "--loader", "torchvision-gpu",
                           "--image-size", "8", "--small-stem", "--dim", "128", "--pred-dim", "32", "-b", "50",
