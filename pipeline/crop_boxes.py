@@ -28,6 +28,7 @@ ORIENTATIONS = {
     1: (False, False, False), 2: (False, True, False), 3: (False, True, True), 4: (False, False, True),
     5: (True, False, False), 6: (True, True, False), 7: (True, True, True), 8: (True, False, True),
 }
+ORIENTATION_FLAGS = np.array([ORIENTATIONS[1]] + [ORIENTATIONS[o] for o in range(1, 9)])  # (9, 3) by EXIF value
 
 
 def random_resized_crop_boxes(heights: np.ndarray, widths: np.ndarray, scale: tuple[float, float],
@@ -88,7 +89,7 @@ def to_stored_frame(boxes: np.ndarray, shown_h: np.ndarray, shown_w: np.ndarray,
         ``(n, 4)`` boxes on the stored images: cropping there and then applying the orientation's
         transpose / flips to the (square) crop gives the crop of the shown image.
     """
-    t, fx, fy = (np.array([ORIENTATIONS[int(o)][k] for o in orientation], dtype=bool) for k in range(3))
+    t, fx, fy = ORIENTATION_FLAGS[np.asarray(orientation)].T
     x0, y0, x1, y1 = (boxes[:, k].copy() for k in range(4))
     x0, x1 = np.where(fx, shown_w - x1, x0), np.where(fx, shown_w - x0, x1)
     y0, y1 = np.where(fy, shown_h - y1, y0), np.where(fy, shown_h - y0, y1)

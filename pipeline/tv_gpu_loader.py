@@ -43,7 +43,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from .augment import AugmentConfig
 from .batch import TwoViewBatch
-from .crop_boxes import ORIENTATIONS, random_resized_crop_boxes, shown_size, to_stored_frame
+from .crop_boxes import ORIENTATION_FLAGS, random_resized_crop_boxes, shown_size, to_stored_frame
 from .device import to_training_layout
 from .gpu_augment import GpuAugment
 from .imagefolder import ImageList, load_rgb, scan_image_folder
@@ -215,7 +215,7 @@ class TorchvisionGpuLoader:
 
     def _orient(self, crops: torch.Tensor, orientation: np.ndarray) -> torch.Tensor:
         """Apply each crop's EXIF transpose / flips (masks; crops are square)."""
-        flags = to_device_async(np.array([ORIENTATIONS[int(o)] for o in orientation]).T.copy(), self.device)
+        flags = to_device_async(ORIENTATION_FLAGS[orientation].T.copy(), self.device)  # (3, n) bool
         t, fx, fy = (f.view(-1, 1, 1, 1) for f in flags)
         crops = torch.where(t, crops.transpose(-1, -2), crops)
         crops = torch.where(fx, crops.flip(-1), crops)

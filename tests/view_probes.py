@@ -36,8 +36,11 @@ def nearest(views: torch.Tensor, refs: torch.Tensor, aug) -> list[int]:
 
 def decoded(paths: list[str]) -> torch.Tensor:
     """``(N, 3, H, W)`` float pixels of equally sized files, decoded by PIL."""
-    return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"), np.float32)).permute(2, 0, 1)
-                        for p in paths])
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(torch.from_numpy(np.array(im.convert("RGB"), np.float32)).permute(2, 0, 1))
+    return torch.stack(out)
 
 
 def coordinate_probe(path, width: int = 320, height: int = 240) -> str:
