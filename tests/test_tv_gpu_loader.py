@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def odd_files(photo, folder) -> dict[str, str]:
 def test_jpeg_header_agrees_with_pil(photo_dir, tmp_path):
     files = odd_files(photos(photo_dir)[0], tmp_path)
     for name, path in files.items():
-        data = open(path, "rb").read()
+        data = Path(path).read_bytes()
         header = read_jpeg_header(data)
         with Image.open(path) as im:
             if im.format != "JPEG":
