@@ -37,7 +37,7 @@ from pipeline.device import resolve_device  # noqa: E402
 from pipeline.imagefolder import ImageList, scan_image_folder  # noqa: E402
 
 DEFAULT_DATA = "data/fashion-mnist"
-REAL_LOADERS = ("torch", "dali", "ffcv")
+REAL_LOADERS = ("torch", "dali", "ffcv", "torchvision-gpu")
 DEFAULT_BATCHES = [64, 128, 256, 512, 1024, 2048, 4096]
 QUICK = dict(arch="resnet18", image_size=16, batch_sizes=[8, 16], loaders="torch,dali", num_images=256, dim=512,
              pred_dim=128, warmup=1, repeats=2, min_images=16, min_steps=1, loader_min_steps=6, workers=1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from .augment import AugmentConfig, recipe
 from .batch import TwoViewBatch
 
-LOADERS = ("torch", "dali", "ffcv", "synthetic")
+LOADERS = ("torch", "dali", "ffcv", "torchvision-gpu", "synthetic")
 
 
 def build_loader(name: str, **kwargs):
@@ -26,6 +26,9 @@ def build_loader(name: str, **kwargs):
     if name == "torch":
         from .torch_loader import TorchLoader
         return TorchLoader(**kwargs)
+    if name == "torchvision-gpu":
+        from .tv_gpu_loader import TorchvisionGpuLoader
+        return TorchvisionGpuLoader(**kwargs)
     if name == "synthetic":
         from .synthetic import SyntheticLoader
         return SyntheticLoader(**kwargs)

@@ -20,6 +20,12 @@ applies image by image (:func:`pipeline.torch_loader.view_transform`, after the 
 
 Output differs from torchvision's only by rounding: torchvision works on uint8 tensors and rounds
 after each op; this stage stays in float32.
+
+No host syncs: every per-sample choice is a mask or a per-sample factor (identity where a sample
+is not augmented), never an index gather, so the stage reads nothing back from the device and the
+loader feeding a GPU can run ahead. The cost is that every op touches every sample: the random
+jitter order runs as 6 fused affine passes around one hue pass (see :meth:`GpuAugment._jitter`),
+grey and blur are computed for the whole batch and blended by mask.
 """
 from __future__ import annotations
 
@@ -32,10 +38,15 @@ from .augment import AugmentConfig
 LUMA = (0.2989, 0.587, 0.114)
 
 
+_LUMA_ON: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
 def _grey(x: torch.Tensor) -> torch.Tensor:
     """``(N, 3, H, W)`` float → ``(N, 1, H, W)`` luma."""
-    w = torch.tensor(LUMA, dtype=x.dtype, device=x.device)
-    return torch.einsum("nchw,c->nhw", x, w).unsqueeze(1)
+    key = (str(x.device), x.dtype)
+    if key not in _LUMA_ON:  # once per device: a blocking host→device copy each call would stall the CPU
+        _LUMA_ON[key] = torch.tensor(LUMA, dtype=x.dtype, device=x.device)
+    return torch.einsum("nchw,c->nhw", x, _LUMA_ON[key]).unsqueeze(1)
 
 
 def _bcast(f: torch.Tensor) -> torch.Tensor:
@@ -110,9 +121,6 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
     return y.view(n, c, h, w)
 
 
-_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
 class GpuAugment:
     """The SimSiam colour stage for a batch, on the batch's device.
 
@@ -132,6 +140,7 @@ class GpuAugment:
 
     def __init__(self, aug: AugmentConfig, flip: bool = False, normalize: bool = True):
         self.aug, self.flip, self.normalize = aug, flip, normalize
+        self._stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def sample_params(self, n: int, device: torch.device | str = "cpu",
                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -170,29 +179,59 @@ class GpuAugment:
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
         a = self.aug
         if a.jitter_p > 0:
-            factors = (p["brightness"], p["contrast"], p["saturation"], p["hue"])
-            for step in range(4):
-                for j, op in enumerate(_JITTER_OPS):
-                    if j == 3 and a.hue == 0:
-                        continue
-                    idx = (p["jitter"] & (p["order"][:, step] == j)).nonzero().squeeze(1)
-                    if idx.numel():
-                        x[idx] = op(x[idx], factors[j][idx])
+            x = self._jitter(x, p)
         if a.grayscale_p > 0:
-            idx = p["grey"].nonzero().squeeze(1)
-            if idx.numel():
-                x[idx] = _grey(x[idx]).expand(-1, 3, -1, -1)
+            x = torch.where(_bcast(p["grey"]), _grey(x).expand(-1, 3, -1, -1), x)
         if a.blur_p > 0:
-            idx = p["blur"].nonzero().squeeze(1)
-            if idx.numel():
-                x[idx] = gaussian_blur(x[idx], p["sigma"][idx], a.blur_kernel)
+            x = torch.where(_bcast(p["blur"]), gaussian_blur(x, p["sigma"], a.blur_kernel), x)
         if self.flip:
-            x = torch.where(p["flip"].view(-1, 1, 1, 1), x.flip(-1), x)
+            x = torch.where(_bcast(p["flip"]), x.flip(-1), x)
         if self.normalize:
-            mean = torch.tensor(a.mean, device=x.device).view(1, 3, 1, 1)
-            std = torch.tensor(a.std, device=x.device).view(1, 3, 1, 1)
+            mean, std = self._statistics(x.device)
             x = x.sub_(mean).div_(std)
         return x
+
+    def _jitter(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Colour jitter in each sample's own random order, without host reads.
+
+        Brightness, contrast and saturation are all ``clamp(α·x + β·mean(grey) + γ·grey)`` (α = f;
+        β = 1 - f for contrast, γ = 1 - f for saturation, else 0; identity: α = 1, β = γ = 0), so one
+        fused pass applies whichever of the three a sample needs. Hue runs once, for every jittered
+        sample, between passes 2 and 3: a sample whose hue comes ``k``-th in its order runs its
+        ``k`` earlier ops in passes ``3-k … 2`` and the rest in passes ``3 … 5-k``, identity in the
+        other passes. The arithmetic per sample is the same as applying the four ops one by one.
+        """
+        n = x.shape[0]
+        order, jitter = p["order"], p["jitter"]
+        slots = torch.arange(4, device=order.device).expand(n, 4)
+        is_hue = order == 3
+        k = is_hue.to(torch.uint8).argmax(1)  # position of hue in each sample's order
+        # the three affine ops in the sample's order (hue removed): sort hue's slot last
+        affine = order.gather(1, torch.where(is_hue, 4, slots).argsort(1)[:, :3])
+        factors = torch.stack((p["brightness"], p["contrast"], p["saturation"]), 1)  # (n, 3)
+        one, zero = torch.ones_like(factors[:, 0]), torch.zeros_like(factors[:, 0])
+        for step in range(6):
+            if step == 3 and self.aug.hue != 0:
+                x = torch.where(_bcast(jitter), adjust_hue(x.clone(), p["hue"]), x)
+            i = k.long() + (step - 3)  # index into `affine` of the op this pass applies
+            on = jitter & (i >= 0) & (i < 3)
+            op = affine.gather(1, i.clamp(0, 2).unsqueeze(1)).squeeze(1)
+            f = factors.gather(1, op.unsqueeze(1)).squeeze(1)
+            alpha = torch.where(on, f, one)
+            beta = torch.where(on & (op == 1), 1 - f, zero)
+            gamma = torch.where(on & (op == 2), 1 - f, zero)
+            g = _grey(x)
+            m = g.mean(dim=(1, 2, 3), keepdim=True)
+            x = x.mul_(_bcast(alpha)).add_(g.mul_(_bcast(gamma)).add_(_bcast(beta) * m)).clamp_(0, 1)
+        return x
+
+    def _statistics(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``aug.mean`` / ``aug.std`` as ``(1, 3, 1, 1)`` float32 on ``device``, made once per device."""
+        key = str(device)
+        if key not in self._stats:
+            self._stats[key] = (torch.tensor(self.aug.mean, device=device).view(1, 3, 1, 1),
+                                torch.tensor(self.aug.std, device=device).view(1, 3, 1, 1))
+        return self._stats[key]
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.apply(x, self.sample_params(x.shape[0], x.device, generator))

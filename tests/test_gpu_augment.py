@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 from pipeline.augment import recipe
 from pipeline.gpu_augment import GpuAugment, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, gaussian_blur
 from pipeline.torch_loader import view_transform
+from tests.host_reads import count_host_reads
 
 AUG = recipe(64).replace(blur_p=0.5)  # 64 px views keep the blur (kernel 7) for the test
 EDGE, A, B = 16, (200, 60, 40), (40, 90, 180)
@@ -144,6 +145,19 @@ def test_normalises_with_recipe_statistics():
     y = GpuAugment(off)(x)
     want = (1 - torch.tensor(off.mean)) / torch.tensor(off.std)
     torch.testing.assert_close(y[:, :, 0, 0], want.expand(4, 3))
+
+
+def test_steady_state_makes_no_host_reads():
+    """20 calls of the whole stage (jitter in random order, grey, blur, flip, normalise) read
+    nothing back from the device: per-sample choices are masks, not index gathers."""
+    stage = GpuAugment(AUG, flip=True)
+    x = probe().expand(16, -1, -1, -1)
+    g = torch.Generator().manual_seed(0)
+    stage(x, generator=g)  # first call: per-device constants are made
+    with count_host_reads() as counts:
+        for _ in range(20):
+            stage(x, generator=g)
+    assert sum(counts.values()) == 0, dict(counts)
 
 
 def test_rejects_wrong_shape():

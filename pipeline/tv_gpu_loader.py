@@ -1,0 +1,294 @@
+"""``--loader torchvision-gpu``: decode and augment on the training device with torchvision alone.
+
+Per batch (one background thread, on its own CUDA stream on a GPU):
+
+1. **read** — ``workers`` threads read the files' bytes (into pinned memory on CUDA) and parse
+   each JPEG header on the host (:mod:`pipeline.jpeg_header`: format, components, EXIF
+   orientation). Files ``decode_jpeg`` cannot decode to RGB on every device (PNG, GIF, BMP, WebP,
+   CMYK / 12-bit / lossless / arithmetic JPEGs) are decoded there by PIL
+   (:func:`pipeline.imagefolder.load_rgb`, the torch loader's decoder) and counted in
+   ``cpu_decoded``: a fallback, not a skip, so every file the shared scan accepts is delivered.
+2. **decode** once per image with ``torchvision.io.decode_jpeg``: on CUDA one call for the batch's
+   list (nvJPEG; the hardware decoder where the GPU has one); on the CPU the reading threads call
+   it per file (libjpeg-turbo; it releases the GIL, so decode runs on ``workers`` threads).
+3. **two views** — RandomResizedCrop boxes for both views drawn on the host with torchvision's
+   rule (:mod:`pipeline.crop_boxes`), mapped through each photo's EXIF orientation, then cropped
+   and resized by ``roi_align`` over size-grouped canvases (:mod:`pipeline.roi_crop`); the
+   orientation's transpose / flips applied to the square crops by mask.
+4. **colour stage** on both views at once (:class:`pipeline.gpu_augment.GpuAugment`: jitter,
+   grey, blur, flip, normalise; masks, no host reads), then dtype and channels_last.
+
+Everything random is a function of ``(seed, epoch, rank, batch index)``: boxes from a numpy
+generator and colour draws from a device generator, both reseeded per batch with
+:func:`pipeline.sampling.epoch_seed`; the order is :func:`pipeline.sampling.shard_order`'s. So
+``set_epoch(e, start=k)`` replays batches ``k..`` of epoch ``e`` exactly, and ranks draw different
+augmentations. The steady state reads nothing back from the device: image sizes are tensor
+metadata, and boxes, canvas layout and labels go to the device as non-blocking copies.
+
+``torchvision.io.decode_jpeg`` is marked deprecated in torchvision 0.29 (in favour of TorchCodec);
+it is the decoder named by the issue and available on every torchvision this project supports.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from .augment import AugmentConfig
+from .batch import TwoViewBatch
+from .crop_boxes import ORIENTATION_FLAGS, random_resized_crop_boxes, shown_size, to_stored_frame
+from .device import to_training_layout
+from .gpu_augment import GpuAugment
+from .imagefolder import ImageList, load_rgb, scan_image_folder
+from .jpeg_header import read_jpeg_header
+from .roi_crop import crop_resize, to_device_async
+from .sampling import check_batch_size, epoch_seed, shard_order
+
+DEFAULT_MAX_PAD = 1.0  # canvases at most 2x their pixels: see the README (--loader torchvision-gpu) for why
+
+
+@dataclass
+class _File:
+    """One file after the reading thread: encoded JPEG bytes, or an already decoded image."""
+
+    path: str
+    pixels: torch.Tensor  # (N,) uint8 encoded bytes, or (3, H, W) uint8 decoded
+    decoded: bool
+    orientation: int = 1  # EXIF orientation still to apply (1 for PIL decodes: load_rgb's business)
+    by_pil: bool = False
+
+
+def _pil_decode(path: str, pin: bool) -> torch.Tensor:
+    """``(3, H, W)`` uint8 from PIL (the torch loader's decoder).
+
+    Raises:
+        OSError: PIL cannot decode the file (it changed after the shared scan), naming it.
+    """
+    try:
+        rgb = np.array(load_rgb(path))
+    except Exception as exc:  # PIL raises many types for a bad file
+        raise OSError(f"cannot decode {path} (it decoded when the folder was scanned; "
+                      f"changed since?): {type(exc).__name__}: {exc}") from exc
+    img = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+    return img.pin_memory() if pin else img
+
+
+def _read(path: str, pin: bool, decode_here: bool) -> _File:
+    """Read one file; decode it too when ``decode_here`` (CPU device) or when it is not for nvJPEG."""
+    with open(path, "rb") as f:
+        data = torch.empty(os.fstat(f.fileno()).st_size, dtype=torch.uint8, pin_memory=pin)
+        f.readinto(memoryview(data.numpy()))
+    header = read_jpeg_header(memoryview(data.numpy()))
+    if header is None or not header.fast:
+        return _File(path, _pil_decode(path, pin), True, by_pil=True)
+    if decode_here:
+        try:
+            return _File(path, decode_jpeg(data, mode=ImageReadMode.RGB), True, header.orientation)
+        except RuntimeError:  # libjpeg-turbo refused what PIL accepted in the scan
+            return _File(path, _pil_decode(path, pin), True, by_pil=True)
+    return _File(path, data, False, header.orientation)
+
+
+class TorchvisionGpuLoader:
+    """Two-view batches decoded and augmented on the training device by torchvision ops.
+
+    Args:
+        data_dir: an ImageFolder split (``<root>/<class>/<image>``) or an :class:`ImageList`.
+        aug: augmentation parameters (the SimSiam recipe).
+        batch_size: images per batch per rank (each gives two views).
+        device: training device; batches are built there (CUDA: nvJPEG decode, own stream).
+        workers: reading threads (on the CPU they also decode); 0 reads in the batch thread.
+        channels_last: deliver views in ``torch.channels_last`` memory format.
+        seed, rank, world_size: order, shards and augmentation draws (:mod:`pipeline.sampling`).
+        dtype: dtype of the delivered views (float32; float16 / bfloat16 halve them).
+        prefetch: batches prepared ahead of the consumer (and batches of files read ahead).
+        max_pad: padding a ``roi_align`` canvas may add, as a fraction of its images' pixels
+            (:func:`pipeline.roi_crop.plan_groups`; 0 groups equal sizes only).
+
+    Attributes:
+        batch_size, num_samples (this rank's images per epoch), images (:class:`ImageList`),
+        cpu_decoded (files decoded by PIL so far: not JPEG, or a JPEG torchvision refused).
+
+    Raises:
+        FileNotFoundError, NotADirectoryError, RuntimeError: from
+            :func:`pipeline.imagefolder.scan_image_folder` (missing / empty folders, nothing decodable).
+        ValueError: batch size larger than this rank's shard, ``prefetch < 1``, ``workers < 0``.
+    """
+
+    def __init__(self, data_dir, aug: AugmentConfig, batch_size: int, device: torch.device | str = "cpu",
+                 workers: int = 2, channels_last: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 dtype: torch.dtype = torch.float32, prefetch: int = 2, max_pad: float = DEFAULT_MAX_PAD):
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1 batch, got {prefetch}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.images = data_dir if isinstance(data_dir, ImageList) else scan_image_folder(data_dir)
+        self.device, self.channels_last, self.dtype = torch.device(device), channels_last, dtype
+        if self.device.type == "cuda" and self.device.index is None:  # the batch thread needs the index
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.aug, self.batch_size, self.seed, self.rank, self.world_size = aug, batch_size, seed, rank, world_size
+        self.prefetch, self.max_pad = prefetch, max_pad
+        shard_order(len(self.images), seed, 0, rank, world_size)  # validates rank / world size
+        self.num_samples = len(self.images) // world_size
+        self._len = check_batch_size(batch_size, self.num_samples, f"shard {rank} of {self.images.root}")
+        self.colour = GpuAugment(aug, flip=True, normalize=True)
+        self.cpu_decoded = 0
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tv-gpu-read") if workers else None
+        self._epoch, self._start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select epoch ``epoch``; the next iteration yields its batches ``start .. len-1``, identical
+        to those of an uninterrupted epoch (mid-epoch resume).
+
+        Raises:
+            ValueError: ``start`` outside ``[0, len(self)]``.
+        """
+        if not 0 <= start <= self._len:
+            raise ValueError(f"start batch {start} outside 0..{self._len} (batches per epoch)")
+        self._epoch, self._start = epoch, start
+
+    def __len__(self) -> int:
+        return self._len
+
+    # ------------------------------------------------------------------ host side
+
+    def _submit(self, paths: list[str]):
+        """Start reading ``paths``; returns a callable giving their :class:`_File` s in order."""
+        pin, here = self.device.type == "cuda", self.device.type != "cuda"
+        if self._pool is None:
+            return lambda: [_read(p, pin, here) for p in paths]
+        futures = [self._pool.submit(_read, p, pin, here) for p in paths]
+        return lambda: [f.result() for f in futures]
+
+    def _decode(self, files: list[_File]) -> list[torch.Tensor]:
+        """``(3, H, W)`` uint8 images on the device, in batch order."""
+        out: list[torch.Tensor | None] = [None] * len(files)
+        todo = [i for i, f in enumerate(files) if not f.decoded]
+        if todo:
+            try:
+                done = decode_jpeg([files[i].pixels for i in todo], mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:  # nvJPEG refused one: find it, give it to PIL (not the steady state)
+                done = [self._decode_one(files[i]) for i in todo]
+            for i, img in zip(todo, done):
+                out[i] = img
+        for i, f in enumerate(files):
+            if f.decoded:
+                out[i] = f.pixels.to(self.device, non_blocking=True)
+        return out  # type: ignore[return-value]
+
+    def _decode_one(self, f: _File) -> torch.Tensor:
+        try:
+            return decode_jpeg(f.pixels, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            f.by_pil, f.orientation = True, 1
+            return _pil_decode(f.path, pin=False).to(self.device)
+
+    # ------------------------------------------------------------------ one batch
+
+    def _batch(self, epoch: int, index: int, files: list[_File], labels: list[int],
+               generator: torch.Generator) -> TwoViewBatch:
+        images = self._decode(files)
+        self.cpu_decoded += sum(f.by_pil for f in files)
+        orient = np.array([f.orientation for f in files])
+        shown = np.array([shown_size(int(im.shape[1]), int(im.shape[2]), o) for im, o in zip(images, orient)])
+        rng = np.random.default_rng(epoch_seed(self.seed, epoch, self.rank, index))
+        a = self.aug
+        boxes = np.stack([to_stored_frame(random_resized_crop_boxes(shown[:, 0], shown[:, 1], a.crop_scale,
+                                                                    a.crop_ratio, rng), shown[:, 0], shown[:, 1], orient)
+                          for _ in range(2)])
+        crops = crop_resize(images, boxes, a.size, self.max_pad)  # (2B, 3, S, S), 0-255
+        if (orient != 1).any():
+            crops = self._orient(crops, np.concatenate([orient, orient]))
+        generator.manual_seed(epoch_seed(self.seed, epoch, self.rank, index))
+        views = self.colour.apply(crops.div_(255), self.colour.sample_params(len(crops), self.device, generator))
+        views = to_training_layout(views, self.device, self.channels_last, self.dtype)
+        n = len(files)
+        label = to_device_async(np.asarray(labels, np.int64), self.device)
+        return TwoViewBatch(views[:n], views[n:], label)
+
+    def _orient(self, crops: torch.Tensor, orientation: np.ndarray) -> torch.Tensor:
+        """Apply each crop's EXIF transpose / flips (masks; crops are square)."""
+        flags = to_device_async(ORIENTATION_FLAGS[orientation].T.copy(), self.device)  # (3, n) bool
+        t, fx, fy = (f.view(-1, 1, 1, 1) for f in flags)
+        crops = torch.where(t, crops.transpose(-1, -2), crops)
+        crops = torch.where(fx, crops.flip(-1), crops)
+        return torch.where(fy, crops.flip(-2), crops)
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self):
+        epoch, start = self._epoch, self._start
+        order = shard_order(len(self.images), self.seed, epoch, self.rank, self.world_size)
+        samples, b = self.images.samples, self.batch_size
+        batches = [order[k * b:(k + 1) * b] for k in range(start, self._len)]
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+
+        def produce() -> None:
+            try:
+                if cuda:
+                    torch.cuda.set_device(self.device.index)  # this thread's current device: the training GPU
+                generator = torch.Generator(device=self.device)
+                pending = []
+                for k, idx in enumerate(batches):
+                    while len(pending) < min(self.prefetch + 1, len(batches) - k):
+                        pending.append(self._submit([samples[i][0] for i in batches[k + len(pending)]]))
+                    files = pending.pop(0)()
+                    labels = [samples[i][1] for i in idx]
+                    with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                        batch = self._batch(epoch, start + k, files, labels, generator)
+                        event = torch.cuda.Event() if cuda else None
+                        if cuda:
+                            event.record(stream)
+                    if not _put(ready, (batch, event), stop):
+                        return
+            except BaseException as exc:  # handed to the consumer, which raises it
+                _put(ready, exc, stop)
+
+        worker = threading.Thread(target=produce, name="tv-gpu-batches", daemon=True)
+        worker.start()
+        try:
+            for _ in batches:
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                batch, event = item
+                if cuda:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    for t in batch:
+                        t.record_stream(current)
+                yield batch
+        finally:
+            stop.set()
+            while worker.is_alive():
+                try:
+                    ready.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            worker.join()
+
+    def __del__(self):
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` unless ``stop`` is set first; True when it was put."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
