@@ -9,6 +9,13 @@ with its own crop and flip; batches come out as ``(image, label, image2)`` (libf
 for this; it works in 1.0.2). Colour jitter, grayscale, blur and normalisation then run batched
 on the training device (:class:`pipeline.gpu_augment.GpuAugment`).
 
+On a GPU (FFCV docs, "Making an FFCV dataloader" and its ImageNet example): FFCV decodes into
+page-locked (pinned) host buffers it allocates per batch slot, and ``ToDevice(device,
+non_blocking=True)`` copies each view's uint8 batch to the GPU on a CUDA stream of FFCV's own; the
+iterator makes the training stream wait for that copy (an event, no host synchronisation). Only
+uint8 crosses the bus (a quarter of float32); the colour stage, normalisation and the float cast
+run on the GPU, and allocate new tensors, so FFCV may reuse its buffers for the next batches.
+
 Pitfalls this module avoids (see ``shared/DESIGN.md``): ``NormalizeImage`` after ``ToTensor``
 makes ``Loader()`` loop forever on CPU (libffcv/ffcv#396), so FFCV never normalises here;
 ``ToDevice('cuda')`` without a GPU is a driver error, so it is only added for CUDA devices;
@@ -217,7 +224,10 @@ class FfcvLoader:
                 for v in (image, image2):
                     v = self.colour(v.to(self.device, non_blocking=True), generator=g)  # new tensor: FFCV reuses its buffers
                     views.append(to_training_layout(v, self.device, self.channels_last, self.dtype))
-                yield TwoViewBatch(views[0], views[1], label.reshape(-1).to(self.device, torch.int64, copy=True))
+                # labels: a host copy first (FFCV reuses its pinned buffer), then a non-blocking upload
+                # from pageable memory, which CUDA stages at once without waiting for the device
+                label = label.reshape(-1).to(torch.int64, copy=True).to(self.device, non_blocking=True)
+                yield TwoViewBatch(views[0], views[1], label)
         finally:
             it.close()
             torch.set_num_threads(threads)
