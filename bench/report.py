@@ -87,7 +87,7 @@ def _series(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rows:
         if r["status"] == "ok":
-            name = STAGE_NAMES.get(r["stage"], r["stage"]) + ("" if r["stage"] == "model" else f" {r['loader']}")
+            name = STAGE_NAMES.get(r["stage"], r["stage"]) + ("" if r["loader"] == "synthetic" else f" {r['loader']}")
             out.setdefault(name, []).append(r)
     return out
 
