@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pipeline.augment import recipe  # noqa: E402
-from bench.photos import photo_folder, rate  # noqa: E402
+from bench.photos import measure_loader, photo_folder  # noqa: E402
 from pipeline.imagefolder import scan_image_folder  # noqa: E402
 
 
@@ -52,29 +52,33 @@ def main(argv=None) -> None:
     common = dict(aug=aug, batch_size=a.batch_size, workers=a.workers, device="cpu", seed=0)
     results = {}
 
-    def report(name: str, ips: float, **extra) -> None:
-        results[name] = ips
+    cpu = {}
+
+    def report(name: str, m, **extra) -> None:
+        results[name], ips = m.images_per_s, m.images_per_s
+        cpu[name] = m.cpu_ms_per_image
         print(json.dumps({"loader": name, "images_per_s": round(ips, 1), "views_per_s": round(2 * ips, 1),
+                          "cpu_ms_per_image": round(m.cpu_ms_per_image, 2),
                           "size": a.size, "batch": a.batch_size, "workers": a.workers,
                           "loadavg_1m": round(os.getloadavg()[0], 2), **extra}), flush=True)
 
     if not a.skip_torch:
         from pipeline.torch_loader import TorchLoader
-        warm, ips = rate(TorchLoader(images, **common), a.batches, a.warmup)
-        report("torch", ips, warmup_s=round(warm, 1))
+        m = measure_loader(TorchLoader(images, **common), a.batches, a.warmup)
+        report("torch", m, warmup_s=round(m.warm_s, 1))
 
     from pipeline.ffcv_loader import FfcvLoader
     from pipeline.gpu_augment import GpuAugment
     torch.set_num_threads(threads)
     beton = work / f"photos-{a.images}-{a.write_mode}.beton"
     ffcv = FfcvLoader(images, beton=beton, write_mode=a.write_mode, jpeg_quality=90, **common)
-    warm, ips = rate(ffcv, a.batches, a.warmup)
-    report("ffcv", ips, warmup_incl_compile_s=round(warm, 1), write_mode=a.write_mode)
+    m = measure_loader(ffcv, a.batches, a.warmup)
+    report("ffcv", m, warmup_incl_compile_s=round(m.warm_s, 1), write_mode=a.write_mode)
     ffcv.colour = GpuAugment(aug.replace(jitter_p=0, grayscale_p=0, blur_p=0))  # normalise only
-    _, ips = rate(ffcv, a.batches, 1)
-    report("ffcv_decode_crop_flip_only", ips, write_mode=a.write_mode)
+    report("ffcv_decode_crop_flip_only", measure_loader(ffcv, a.batches, 1), write_mode=a.write_mode)
     if "torch" in results:
-        print(json.dumps({"ratio_ffcv_over_torch": round(results["ffcv"] / results["torch"], 2)}))
+        print(json.dumps({"ratio_ffcv_over_torch": round(results["ffcv"] / results["torch"], 2),
+                          "cpu_cost_ratio_torch_over_ffcv": round(cpu["torch"] / cpu["ffcv"], 2)}))
 
 
 if __name__ == "__main__":
