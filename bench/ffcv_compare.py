@@ -4,8 +4,10 @@ Both loaders deliver the full SimSiam recipe, two views per image, on the CPU: t
 torchvision v2 per image in DataLoader workers; FFCV decodes + crops + flips in numba threads and
 runs colour jitter / grayscale / blur / normalise batched (``pipeline.gpu_augment``). FFCV's
 numba compilation (first batch) is timed separately and kept out of the rate; so are the first
-``--warmup`` batches of each loader. An extra FFCV row without the colour stage shows what the
-decode + crop + flip alone cost.
+``--warmup`` batches of each loader. Extra FFCV rows, from the same compiled loader: the colour
+stage at the caller's full torch thread count (instead of the cores FFCV's threads leave,
+``pipeline.ffcv_loader.colour_threads_for``), and without the colour stage (decode + crop + flip
+alone).
 
 Data: the 20 ImageNet JPEGs of the foolbox wheel (512×512, one 1024×683), copied to ``--images``
 files in two classes under ``--work``.
@@ -73,7 +75,13 @@ def main(argv=None) -> None:
     beton = work / f"photos-{a.images}-{a.write_mode}.beton"
     ffcv = FfcvLoader(images, beton=beton, write_mode=a.write_mode, jpeg_quality=90, **common)
     m = measure_loader(ffcv, a.batches, a.warmup)
-    report("ffcv", m, warmup_incl_compile_s=round(m.warm_s, 1), write_mode=a.write_mode)
+    report("ffcv", m, warmup_incl_compile_s=round(m.warm_s, 1), write_mode=a.write_mode,
+           colour_threads=ffcv.colour_threads)
+    colour_threads = ffcv.colour_threads
+    ffcv.colour_threads = None  # the colour stage at the caller's full thread count, as before colour_threads_for
+    report("ffcv_colour_all_threads", measure_loader(ffcv, a.batches, 1), write_mode=a.write_mode,
+           colour_threads=torch.get_num_threads())
+    ffcv.colour_threads = colour_threads
     ffcv.colour = GpuAugment(aug.replace(jitter_p=0, grayscale_p=0, blur_p=0))  # normalise only
     report("ffcv_decode_crop_flip_only", measure_loader(ffcv, a.batches, 1), write_mode=a.write_mode)
     if "torch" in results:

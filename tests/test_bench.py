@@ -1,6 +1,7 @@
 """The benchmark harness: arithmetic on a fake clock, a --quick run's files, OOM handling, trace summary."""
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -286,3 +287,12 @@ def test_section_time_limit_skips_the_rest(photo_folder, tmp_path, monkeypatch):
                            "--out", str(tmp_path)])
     assert [r["status"] for r in res["rows"]] == ["ok", "skipped", "skipped"]
     assert "section time limit" in res["rows"][1]["note"]
+
+
+def test_ffcv_colour_stage_leaves_the_decoding_threads_their_cores():
+    from pipeline.ffcv_loader import colour_threads_for
+    assert colour_threads_for(torch.device("cuda"), 2) is None  # on a GPU the stage is not on the CPU
+    n = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    assert colour_threads_for(torch.device("cpu"), cores) == 1  # FFCV's threads take every core: one is left
+    assert colour_threads_for(torch.device("cpu"), 1) == max(1, min(n, cores - 1))
