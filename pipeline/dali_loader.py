@@ -185,8 +185,10 @@ class DaliLoader:
                     if not _is_input_error(exc):
                         raise
                     raise self._decode_error(exc, files, step * self.batch_size) from exc
-                yield TwoViewBatch(self._view(out["view1"]), self._view(out["view2"]),
-                                   out["label"].reshape(-1).to(self.device, torch.int64, non_blocking=True))
+                # labels are DALI's CPU memory, seen through DLPack: converted on the host into a tensor of
+                # our own before the non-blocking upload, so DALI may reuse its buffer at once
+                label = out["label"].reshape(-1).to(torch.int64, copy=True).to(self.device, non_blocking=True)
+                yield TwoViewBatch(self._view(out["view1"]), self._view(out["view2"]), label)
         finally:
             del iterator
 
