@@ -19,7 +19,7 @@
    ``--steps`` steps each); the medians' ratio must be >= 0.95.
 
 Writes ``--out`` (JSON: every figure, pass/fail per check) and prints one line per check. Exit
-status 0 when every check that ran passed, 1 when one failed.
+status 0 when every check that ran passed, 1 when one failed or raised (its message is recorded).
 """
 from __future__ import annotations
 
@@ -159,6 +159,17 @@ def check_ddp_speed(ctx, args) -> dict:
             "arch": args.arch, "image_size": args.image_size, "amp": args.amp, "channels_last": args.channels_last}
 
 
+def _guarded(check, *args) -> dict:
+    """Run a check; an exception inside it (e.g. a kernel that refuses bf16 channels_last input) is
+    its finding: status ``error`` with the message and traceback, and the other check still runs."""
+    try:
+        return check(*args)
+    except Exception as exc:  # noqa: BLE001 - recorded, printed, and the exit status says so
+        import traceback
+        traceback.print_exc()
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="JSON file for every figure")
@@ -191,8 +202,8 @@ def main(argv=None) -> int:
                   "bench/ddp_check.py ...", file=sys.stderr)
             return 2
         n, c, hw = (int(v) for v in args.bn_shape.split(","))
-        result["sync_bn_vs_bn"] = check_sync_bn(ctx.device, n, c, hw, args.tolerance, args.seed)
-        result["ddp_speed"] = check_ddp_speed(ctx, args)
+        result["sync_bn_vs_bn"] = _guarded(check_sync_bn, ctx.device, n, c, hw, args.tolerance, args.seed)
+        result["ddp_speed"] = _guarded(check_ddp_speed, ctx, args)
     finally:
         if ctx.is_main:
             Path(args.out).write_text(json.dumps(result, indent=1, default=str))
@@ -201,13 +212,19 @@ def main(argv=None) -> int:
     if ctx.is_main:
         if bn["status"] == "skipped":
             print(f"SyncBN vs BN: skipped ({bn['reason']})")
+        elif bn["status"] == "error":
+            print(f"SyncBN vs BN: error ({bn['error']})")
         else:
             worst = max(max(bn[k]["rel_err"].values()) for k in ("module", "sync_function"))
             print(f"SyncBN vs BN (channels_last bf16 {bn['shape']}): {bn['status']}, largest relative error "
                   f"{worst:.2e} (tolerance {bn['tolerance']})")
-        print(f"DDP vs single process ({speed['backend']}, world size {speed['world_size']}, SyncBN: "
-              f"{speed['sync_bn_kind']}): {speed['images_per_s']['ddp']:.1f} vs {speed['images_per_s']['single']:.1f} "
-              f"images/s = {speed['ratio']:.3f} (>= {DDP_MIN_RATIO} to pass): {speed['status']}")
+        if speed["status"] == "error":
+            print(f"DDP vs single process: error ({speed['error']})")
+        else:
+            print(f"DDP vs single process ({speed['backend']}, world size {speed['world_size']}, SyncBN: "
+                  f"{speed['sync_bn_kind']}): {speed['images_per_s']['ddp']:.1f} vs "
+                  f"{speed['images_per_s']['single']:.1f} images/s = {speed['ratio']:.3f} (>= {DDP_MIN_RATIO} to "
+                  f"pass): {speed['status']}")
     return 0 if all(r["status"] in ("ok", "skipped") for r in (bn, speed)) else 1
 
 

@@ -58,11 +58,12 @@ PY = sys.executable
 # name: (time limit s, minimum s to start it). Sections finish early when they can; the limits are
 # the worst case, and the accuracy run takes what is left of its 3 minutes.
 SECTIONS = {
-    "env": (40, 5), "data": (30, 10), "model": (35, 15),
-    "e2e-dali": (25, 10), "e2e-ffcv": (50, 25), "e2e-torch": (30, 10), "e2e-torchvision-gpu": (25, 10),
-    "e2e-dali-cpu-decode": (25, 10), "ddp": (30, 15), "accum": (30, 15), "variants": (45, 20),
+    "env": (40, 5), "data": (30, 10), "model": (45, 20),
+    "e2e-dali": (40, 15), "e2e-ffcv": (60, 30), "e2e-torch": (40, 15), "e2e-torchvision-gpu": (35, 15),
+    "e2e-dali-cpu-decode": (35, 15), "ddp": (30, 15), "accum": (30, 15), "variants": (45, 20),
     "compile": (75, 45), "accuracy": (200, 60), "train-cli": (60, 30),
 }
+SET_UP_S = 10  # a throughput.py section stops starting points this long before its limit (start-up, report)
 # Sections after "accum" start only while they leave the accuracy run this much of the overall limit.
 ACCURACY_RESERVE = {"variants": 150, "compile": 150}
 # The rehearsal checks the script, not speed, on 2 shared cores: every section gets room.
@@ -126,8 +127,9 @@ class Run:
             if (self.out / name).is_file():
                 shutil.copy(self.out / name, d / name)
         tmp = d / ".details.tar.gz.tmp"
-        with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(self.out, arcname="gpu-check")
+        with tarfile.open(tmp, "w:gz") as tar:  # checkpoints (100+ MB) stay behind: logs and figures only
+            tar.add(self.out, arcname="gpu-check",
+                    filter=lambda info: None if info.name.endswith((".pth", ".pt")) else info)
         tmp.rename(d / "details.tar.gz")
 
     def skip(self, name: str, why: str) -> None:
@@ -250,12 +252,17 @@ def section_env(run: Run) -> None:
     if limit is None:
         return
     if not run.rehearse:
-        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20)
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,"
-                            "temperature.gpu,power.draw,power.limit,persistence_mode", "--format=csv"],
-                           capture_output=True, text=True, timeout=20)
-        (run.out / "nvidia-smi.txt").write_text(smi.stdout + smi.stderr + "\n" + q.stdout + q.stderr)
-        print(smi.stdout + q.stdout, flush=True)
+        text = []
+        for cmd in (["nvidia-smi"], ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.sm,"
+                                     "clocks.max.sm,temperature.gpu,power.draw,power.limit,persistence_mode",
+                                     "--format=csv"]):
+            try:  # read-only queries; the card's settings are left as found
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+                text.append(r.stdout + r.stderr)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                text.append(f"{' '.join(cmd)}: {exc}\n")
+        (run.out / "nvidia-smi.txt").write_text("\n".join(text))
+        print("\n".join(text), flush=True)
     entry = run.sh("env", [PY, "-c", ENV_PROBE], limit, show="python -c <environment probe: versions, imports, loaders>")
     log = (run.out / entry["log"]).read_text().strip().splitlines()
     try:
@@ -314,7 +321,7 @@ def section_throughput(run: Run, name: str, stages: str, data, batches, loaders=
     if limit is None:
         return
     out = run.out / "sections" / name
-    cmd = throughput_cmd(run, out, stages, data, batches, loaders, extra) + ["--time-limit-s", str(max(5, limit - 15))]
+    cmd = throughput_cmd(run, out, stages, data, batches, loaders, extra) + ["--time-limit-s", str(max(5, limit - SET_UP_S))]
     env = {}
     if run.rehearse and "ffcv" in (loaders or ""):
         env["NUMBA_DISABLE_JIT"] = "1"  # FFCV's pipeline uncompiled: 40-80 s of numba per loader saved on 2 cores
@@ -544,6 +551,19 @@ def main(argv=None) -> int:
     only = set(args.only.split(",")) if args.only else None
     want = lambda name: only is None or name in only  # noqa: E731
     print(f"gpu_check{' --rehearse' if args.rehearse else ''}: {run.out}, limit {args.limit_s:.0f} s", flush=True)
+    rc = 3
+    try:
+        rc = sections(run, args, want)
+    finally:  # whatever happened, the figures measured so far are merged, plotted and delivered
+        report(run)
+        failed = [n for n, s in run.sections.items() if s["status"] == "failed"]
+        print(f"gpu_check: done in {time.monotonic() - run.t0:.0f} s; results in {run.out}"
+              + (f"; failed sections: {', '.join(failed)}" if failed else ""), flush=True)
+    return rc
+
+
+def sections(run: Run, args, want) -> int:
+    """Run the sections in order (see the module docstring); returns the exit status."""
     section_env(run)
     if not args.rehearse and not run.env.get("cuda_available"):
         run.skip("all", "no CUDA device visible to torch: nothing to measure (use --rehearse on a CPU)")
@@ -604,11 +624,7 @@ def main(argv=None) -> int:
         section_accuracy(run, fm)
     if want("train-cli"):
         section_train_cli(run)
-    report(run)
-    failed = [n for n, s in run.sections.items() if s["status"] in ("failed",)]
-    print(f"gpu_check: done in {time.monotonic() - run.t0:.0f} s; results in {run.out}"
-          + (f"; failed sections: {', '.join(failed)}" if failed else ""), flush=True)
-    return 1 if failed else 0
+    return 1 if any(s["status"] == "failed" for s in run.sections.values()) else 0
 
 
 if __name__ == "__main__":

@@ -219,13 +219,15 @@ class Sweep:
     end-to-end points of a batch size with model-only and re-measures or flags them.
     """
 
-    def __init__(self, args, s: Settings, trainer, out: Path, env: dict, config: dict, reference: list[dict]):
+    def __init__(self, args, s: Settings, trainer, out: Path, env: dict, config: dict, reference: list[dict],
+                 t0: float):
         self.args, self.s, self.trainer, self.out, self.env, self.config = args, s, trainer, out, env, config
         self.reference = reference
         self.rows: list[dict] = []
         self.cores = usable_cores()
-        self.t0 = time.monotonic()
-        self.last: dict[tuple[str, str], tuple[int, float]] = {}  # (stage, loader) → (eff. batch, s/step), last ok point
+        self.t0 = t0  # time.monotonic() when the run started: --time-limit-s counts set-up too
+        self.last: dict[tuple[str, str], tuple[int, float, float]] = {}  # (stage, loader) → last ok point's
+        # (effective batch, s/step, first step s)
         self.model_skipped: set[int] = set()
         self.total = 0
 
@@ -239,8 +241,10 @@ class Sweep:
             return None
         s = self.s
         eb = batch * (1 if stage == "loader" else s.accum)
-        prev_eb, prev_step = self.last[(stage, name)]
-        return prev_step * eb / prev_eb * (s.warmup + s.repeats * point_steps(stage, eb, s))
+        prev_eb, prev_step, prev_first = self.last[(stage, name)]
+        # the previous point's first step stands for this one's start-up (workers, pipeline build, FFCV's
+        # numba compile); the steps scale with the batch
+        return prev_first + prev_step * eb / prev_eb * (s.warmup + s.repeats * point_steps(stage, eb, s))
 
     def _run(self, stage: str, name: str, batch: int) -> dict:
         s = self.s
@@ -275,7 +279,7 @@ class Sweep:
         if too_spread(row, self.args.max_spread):
             add_flag(row, "spread")
         if row["status"] == "ok":
-            self.last[(stage, name)] = (row["effective_batch"], row["step_s"])
+            self.last[(stage, name)] = (row["effective_batch"], row["step_s"], row.get("first_step_s", 0.0))
         elif stage == "model" and row["status"] == "skipped":
             self.model_skipped.add(batch)
         self.rows.append(row)
@@ -299,9 +303,7 @@ class Sweep:
         if model is None:
             return
         bad = [r for r in self.rows if r["stage"] == "e2e" and r["effective_batch"] == eb and beats_model(r, model, self.args.e2e_tolerance)]
-        if not bad or self.args.remeasure < 1:
-            pass
-        else:
+        if bad and self.args.remeasure >= 1:
             if own_model:
                 again = self._run("model", "synthetic", batch)
                 model = self._replace(model, again)
@@ -327,6 +329,7 @@ class Sweep:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark described by parsed ``args``; returns ``{"out", "rows", "env", "config", ...}``."""
+    t_start = time.monotonic()
     device = resolve_device(args.device)
     args = resolve(args, device)
     stages = [s for s in args.stages.split(",") if s]
@@ -376,7 +379,7 @@ def run(args: argparse.Namespace) -> dict:
         print(w, flush=True)
     trainer = Trainer(s) if ("model" in stages or "e2e" in stages) else None
     config["sync_bn_kind"] = s.sync_bn_kind
-    sweep = Sweep(args, s, trainer, out, env, config, reference)
+    sweep = Sweep(args, s, trainer, out, env, config, reference, t_start)
     # Loader-only points first; then model-only and end-to-end interleaved batch size by batch size,
     # so drifting machine speed (shared CPUs) affects the two sides of the stall share alike.
     loader_plan = [("loader", n) for n in loaders] if "loader" in stages else []
