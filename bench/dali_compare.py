@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: see bench/trust.py
 
 from pipeline.augment import recipe  # noqa: E402
 from bench.photos import measure_loader, photo_folder  # noqa: E402

@@ -49,8 +49,9 @@ def table(rows: list[dict]) -> str:
     (:mod:`bench.trust`); ``load`` is the 1-minute load average when the point started.
     """
     width = max([10] + [len(r["loader"]) + 2 for r in rows])
+    fw = max([6] + [len(",".join(r.get("flags", []))) + 2 for r in rows])
     head = (f"{'stage':<12}{'loader':<{width}}{'batch':>6}{'accum':>6}  {'status':<8}{'images/s':>10}{'±%':>6}"
-            f"{'views/s':>10}{'s/step':>9}{'wait%':>7}{'stall%':>7}{'peak MiB':>10}{'load':>6}  {'flags':<10}note")
+            f"{'views/s':>10}{'s/step':>9}{'wait%':>7}{'stall%':>7}{'peak MiB':>10}{'load':>6}  {'flags':<{fw}}note")
     lines = [head, "-" * len(head)]
     for r in rows:
         ok = r["status"] == "ok"
@@ -61,7 +62,7 @@ def table(rows: list[dict]) -> str:
             f"{r['status']:<8}{_fmt(r.get('images_per_s'), '.1f'):>10}{_fmt(r.get('spread_pct'), '.0f'):>6}"
             f"{_fmt(r.get('views_per_s'), '.1f'):>10}{_fmt(r.get('step_s'), '.3f'):>9}{pct('data_wait_share'):>7}"
             f"{stall:>7}{_fmt(r.get('peak_mem_mb'), '.0f'):>10}{_fmt(r.get('load_start'), '.1f'):>6}  "
-            f"{','.join(r.get('flags', [])):<10}{r.get('note', '')}")
+            f"{','.join(r.get('flags', [])):<{fw}}{r.get('note', '')}")
     return "\n".join(lines)
 
 

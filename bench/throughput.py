@@ -23,6 +23,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Before torch starts OpenMP: waiting threads sleep instead of spinning (bench/trust.py, OMP_WAIT_POLICY).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch  # noqa: E402
 
 from bench.environment import environment  # noqa: E402

@@ -12,6 +12,13 @@ A point is *flagged* (its row's ``flags`` list) when
   the two figures is wrong and the stall share of the pair is not computed.
 
 The table marks flagged points; the JSON keeps the flags and every attempt's images/s.
+
+On the CPU, load hurts most through OpenMP: by default its idle threads spin, waiting for the other
+threads of a parallel region, and when other processes hold the cores each region waits for
+descheduled threads. Measured on 2 cores at load 8 (resnet18 SimSiam step, batch 16, 32 px):
+2-10 s a step with 2 threads spinning, 0.19 s with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep), 0.22 s
+with one thread. The benchmark scripts therefore set ``OMP_WAIT_POLICY=PASSIVE`` before torch starts
+OpenMP unless the caller set it (recorded in the environment).
 """
 from __future__ import annotations
 
@@ -33,7 +40,8 @@ def load_warning(load: float | None, cores: int) -> str | None:
     if load is None or load <= cores:
         return None
     return (f"warning: load average {load:.1f} exceeds the {cores} usable CPU cores: other work competes for "
-            f"them, so images/s below are lower and noisier than this code's own (points flagged 'load')")
+            f"them, so images/s below are lower and noisier than this code's own (points flagged 'load'; "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
 
 
 def add_flag(row: dict, flag: str) -> None:
@@ -62,7 +70,8 @@ def keep_better(first: dict, second: dict) -> dict:
     candidates = [r for r in (first, second) if r.get("status") == "ok"] or [second]
     best = min(candidates, key=lambda r: r.get("spread_pct", float("inf")))
     best = dict(best, attempts=attempts)
-    best["note"] = "; ".join(x for x in (best.get("note"), f"re-measured ({len(attempts)} attempts)") if x)
+    note = [x for x in (best.get("note") or "").split("; ") if x and not x.startswith("re-measured")]
+    best["note"] = "; ".join(note + [f"re-measured ({len(attempts)} attempts)"])
     return best
 
 
