@@ -83,7 +83,7 @@ REHEARSE = dict(device="cpu", arch="resnet18", image_size=32, amp="bf16", small_
                 timing=["--warmup", "0", "--repeats", "2", "--min-images", "0", "--min-steps", "1", "--remeasure", "0"],
                 ddp=["-a", "resnet18", "--image-size", "16", "--dim", "64", "--pred-dim", "16", "-b", "4", "--steps", "1",
                      "--repeats", "2", "--warmup", "1"],
-                acc=dict(batch=32, lr=0.03, wd=5e-4, seconds=75, limit=160, knn_bank=160, workers=1, dim=128, pred_dim=32),
+                acc=dict(batch=32, lr=0.03, wd=5e-4, seconds=45, limit=160, knn_bank=160, workers=1, dim=128, pred_dim=32),
                 fmnist_limit=160)
 
 
