@@ -16,7 +16,9 @@ Data: the 20 ImageNet JPEGs of the foolbox wheel (512×512, one 1024×683), copi
 Prints one JSON line per loader and recipe (``images_per_s`` counts images, each giving two
 views: the best of ``--repeats`` runs; the loaders' runs are interleaved because other jobs
 share the cores, and ``loadavg_1m`` is printed with each line), then the DALI/torch ratios:
-of the best runs, and the median of the paired (same-round) runs.
+of the best runs, the median of the paired (same-round) runs, and the ratio of CPU milliseconds per
+image (this process and its workers, ``psutil``): the comparison a shared, loaded machine distorts
+least, since a loader's CPU work per image does not depend on how many other jobs share the cores.
 """
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: see bench/trust.py
 
 from pipeline.augment import recipe  # noqa: E402
-from bench.photos import photo_folder, rate  # noqa: E402
+from bench.photos import measure_loader, photo_folder  # noqa: E402
 from pipeline.imagefolder import scan_image_folder  # noqa: E402
 
 
@@ -54,6 +57,7 @@ def main(argv=None) -> None:
     rows = []
     for rec in a.recipes.split(","):
         runs = {name: [] for name in loaders}
+        cpu = {name: [] for name in loaders}
         for _ in range(a.repeats):  # loaders interleaved, so each pair of runs sees similar load
             for name in loaders:
                 if name == "dali":
@@ -61,16 +65,20 @@ def main(argv=None) -> None:
                 else:
                     from pipeline.torch_loader import TorchLoader as cls
                 loader = cls(images, recipes[rec], batch_size=a.batch_size, workers=a.workers, device="cpu", seed=0)
-                runs[name].append(rate(loader, a.batches, a.warmup)[1])
+                m = measure_loader(loader, a.batches, a.warmup)
+                runs[name].append(m.images_per_s)
+                cpu[name].append(m.cpu_ms_per_image)
                 del loader
         for name in loaders:
             print(json.dumps({"loader": name, "recipe": rec, "images_per_s": round(max(runs[name]), 1),
-                              "runs": [round(r, 1) for r in runs[name]], "size": a.size, "batch": a.batch_size,
+                              "runs": [round(r, 1) for r in runs[name]],
+                              "cpu_ms_per_image": round(min(cpu[name]), 2), "size": a.size, "batch": a.batch_size,
                               "workers": a.workers, "loadavg_1m": round(os.getloadavg()[0], 2)}), flush=True)
         if {"dali", "torch"} <= set(loaders):
             paired = sorted(d / t for d, t in zip(runs["dali"], runs["torch"]))
             rows.append({"recipe": rec, "ratio_dali_over_torch_best": round(max(runs["dali"]) / max(runs["torch"]), 2),
-                         "ratio_paired_median": round(paired[len(paired) // 2], 2)})
+                         "ratio_paired_median": round(paired[len(paired) // 2], 2),
+                         "cpu_cost_ratio_torch_over_dali": round(min(cpu["torch"]) / min(cpu["dali"]), 2)})
     for row in rows:
         print(json.dumps(row))
 

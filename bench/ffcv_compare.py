@@ -4,8 +4,10 @@ Both loaders deliver the full SimSiam recipe, two views per image, on the CPU: t
 torchvision v2 per image in DataLoader workers; FFCV decodes + crops + flips in numba threads and
 runs colour jitter / grayscale / blur / normalise batched (``pipeline.gpu_augment``). FFCV's
 numba compilation (first batch) is timed separately and kept out of the rate; so are the first
-``--warmup`` batches of each loader. An extra FFCV row without the colour stage shows what the
-decode + crop + flip alone cost.
+``--warmup`` batches of each loader. Extra FFCV rows, from the same compiled loader: the colour
+stage at the caller's full torch thread count (instead of the cores FFCV's threads leave,
+``pipeline.ffcv_loader.colour_threads_for``), and without the colour stage (decode + crop + flip
+alone).
 
 Data: the 20 ImageNet JPEGs of the foolbox wheel (512×512, one 1024×683), copied to ``--images``
 files in two classes under ``--work``.
@@ -24,11 +26,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: see bench/trust.py
 
 import torch  # noqa: E402
 
 from pipeline.augment import recipe  # noqa: E402
-from bench.photos import photo_folder, rate  # noqa: E402
+from bench.photos import measure_loader, photo_folder  # noqa: E402
 from pipeline.imagefolder import scan_image_folder  # noqa: E402
 
 
@@ -52,29 +55,39 @@ def main(argv=None) -> None:
     common = dict(aug=aug, batch_size=a.batch_size, workers=a.workers, device="cpu", seed=0)
     results = {}
 
-    def report(name: str, ips: float, **extra) -> None:
-        results[name] = ips
+    cpu = {}
+
+    def report(name: str, m, **extra) -> None:
+        results[name], ips = m.images_per_s, m.images_per_s
+        cpu[name] = m.cpu_ms_per_image
         print(json.dumps({"loader": name, "images_per_s": round(ips, 1), "views_per_s": round(2 * ips, 1),
+                          "cpu_ms_per_image": round(m.cpu_ms_per_image, 2),
                           "size": a.size, "batch": a.batch_size, "workers": a.workers,
                           "loadavg_1m": round(os.getloadavg()[0], 2), **extra}), flush=True)
 
     if not a.skip_torch:
         from pipeline.torch_loader import TorchLoader
-        warm, ips = rate(TorchLoader(images, **common), a.batches, a.warmup)
-        report("torch", ips, warmup_s=round(warm, 1))
+        m = measure_loader(TorchLoader(images, **common), a.batches, a.warmup)
+        report("torch", m, warmup_s=round(m.warm_s, 1))
 
     from pipeline.ffcv_loader import FfcvLoader
     from pipeline.gpu_augment import GpuAugment
     torch.set_num_threads(threads)
     beton = work / f"photos-{a.images}-{a.write_mode}.beton"
     ffcv = FfcvLoader(images, beton=beton, write_mode=a.write_mode, jpeg_quality=90, **common)
-    warm, ips = rate(ffcv, a.batches, a.warmup)
-    report("ffcv", ips, warmup_incl_compile_s=round(warm, 1), write_mode=a.write_mode)
+    m = measure_loader(ffcv, a.batches, a.warmup)
+    report("ffcv", m, warmup_incl_compile_s=round(m.warm_s, 1), write_mode=a.write_mode,
+           colour_threads=ffcv.colour_threads)
+    colour_threads = ffcv.colour_threads
+    ffcv.colour_threads = None  # the colour stage at the caller's full thread count, as before colour_threads_for
+    report("ffcv_colour_all_threads", measure_loader(ffcv, a.batches, 1), write_mode=a.write_mode,
+           colour_threads=torch.get_num_threads())
+    ffcv.colour_threads = colour_threads
     ffcv.colour = GpuAugment(aug.replace(jitter_p=0, grayscale_p=0, blur_p=0))  # normalise only
-    _, ips = rate(ffcv, a.batches, 1)
-    report("ffcv_decode_crop_flip_only", ips, write_mode=a.write_mode)
+    report("ffcv_decode_crop_flip_only", measure_loader(ffcv, a.batches, 1), write_mode=a.write_mode)
     if "torch" in results:
-        print(json.dumps({"ratio_ffcv_over_torch": round(results["ffcv"] / results["torch"], 2)}))
+        print(json.dumps({"ratio_ffcv_over_torch": round(results["ffcv"] / results["torch"], 2),
+                          "cpu_cost_ratio_torch_over_ffcv": round(cpu["torch"] / cpu["ffcv"], 2)}))
 
 
 if __name__ == "__main__":

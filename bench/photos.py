@@ -6,6 +6,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 
 def photo_folder(work: Path, n: int) -> Path:
@@ -26,25 +27,57 @@ def photo_folder(work: Path, n: int) -> Path:
     return root
 
 
-def rate(loader, batches: int, warmup: int) -> tuple[float, float]:
-    """``(seconds spent on the warm-up batches, images/s over the next batches)``.
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process (all threads) and its live child
+    processes (DataLoader workers): load-robust where wall-clock rates are not (psutil)."""
+    import psutil
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
-    The first ``warmup`` batches (pipeline build, worker start, FFCV's numba compile) are not timed;
-    iteration continues across epochs (``set_epoch``) until ``warmup + batches`` batches were read.
-    Images/s counts images; each gives two views.
-    """
+
+class LoaderRate(NamedTuple):
+    """One measurement of a loader: warm-up seconds, images/s (wall clock) and CPU milliseconds per
+    image (this process and its workers; on a shared machine the fairer comparison of two loaders)."""
+
+    warm_s: float
+    images_per_s: float
+    cpu_ms_per_image: float
+
+
+def measure_loader(loader, batches: int, warmup: int) -> LoaderRate:
+    """Time ``batches`` batches of ``loader`` after ``warmup`` untimed ones (pipeline build, worker
+    start, FFCV's numba compile; ``warmup`` >= 1); iteration continues across epochs (``set_epoch``)
+    as needed. Images/s counts images; each gives two views. The window ends when the last batch
+    arrives (before the loader is torn down)."""
     seen, t0, epoch, t_start = 0, time.time(), 0, time.time()
-    warm_s, done = 0.0, 0
+    warm_s, done, c0 = 0.0, 0, cpu_seconds()
+    wall = cpu = 0.0
     while done < warmup + batches:
         loader.set_epoch(epoch)
         for b in loader:
             done += 1
             if done == warmup:
                 warm_s = time.time() - t_start
-                t0 = time.time()
+                t0, c0 = time.time(), cpu_seconds()
             elif done > warmup:
                 seen += b.view1.shape[0]
             if done >= warmup + batches:
+                # read the clocks as the last batch arrives, not after the loop: leaving the loop
+                # tears the loader down (DALI finishes its prefetched batches, DataLoader workers
+                # finish theirs and exit), which is no part of delivering these batches
+                wall, cpu = time.time() - t0, cpu_seconds() - c0
                 break
         epoch += 1
-    return warm_s, seen / (time.time() - t0)
+    return LoaderRate(warm_s, seen / wall, 1000.0 * cpu / seen)
+
+
+def rate(loader, batches: int, warmup: int) -> tuple[float, float]:
+    """``(seconds spent on the warm-up batches, images/s over the next batches)``: see :func:`measure_loader`."""
+    m = measure_loader(loader, batches, warmup)
+    return m.warm_s, m.images_per_s

@@ -15,6 +15,9 @@ data_wait_share    end-to-end: share of the timed time spent waiting for the nex
 stall_share        end-to-end: ``1 - e2e images/s / model-only images/s`` at the same batch
 peak_mem_mb        CUDA max allocated (GPU) or sampled process RSS (CPU), MiB
 start_mem_mb       the same reading when the point started (model and libraries already loaded)
+load_start/_end    1-minute load average when the point started / ended
+flags              ``load``, ``spread``, ``e2e>model`` (see :mod:`bench.trust`); ``attempts``: images/s
+                   of every measurement of a re-measured point
 =================  ==============================================================================
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ from .stages import STAGE_NAMES
 CSV_COLUMNS = ["stage", "loader", "batch", "accum", "effective_batch", "status", "images_per_s",
                "images_per_s_min", "images_per_s_max", "spread_pct", "views_per_s", "step_s",
                "data_wait_share", "stall_share", "peak_mem_mb", "start_mem_mb", "mem_kind", "torch_threads", "first_step_s", "steps",
-               "repeats", "warmup", "note"]
+               "repeats", "warmup", "load_start", "load_end", "flags", "note"]
 CONFIG_COLUMNS = ["device", "arch", "image_size", "amp", "channels_last", "sync_bn", "compile", "workers"]
 
 
@@ -40,18 +43,26 @@ def _fmt(v, spec: str, missing: str = "-") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """A fixed-width text table of the rows (the terminal output)."""
-    head = (f"{'stage':<12}{'loader':<10}{'batch':>6}{'accum':>6}  {'status':<8}{'images/s':>10}{'±%':>6}"
-            f"{'views/s':>10}{'s/step':>9}{'wait%':>7}{'stall%':>7}{'peak MiB':>10}  note")
+    """A fixed-width text table of the rows (the terminal output, printed once at the end of a run).
+
+    ``stall%`` is ``?`` for a pair flagged ``e2e>model``; the ``flags`` column lists a point's flags
+    (:mod:`bench.trust`); ``load`` is the 1-minute load average when the point started.
+    """
+    width = max([10] + [len(r["loader"]) + 2 for r in rows])
+    fw = max([6] + [len(",".join(r.get("flags", []))) + 2 for r in rows])
+    head = (f"{'stage':<12}{'loader':<{width}}{'batch':>6}{'accum':>6}  {'status':<8}{'images/s':>10}{'±%':>6}"
+            f"{'views/s':>10}{'s/step':>9}{'wait%':>7}{'stall%':>7}{'peak MiB':>10}{'load':>6}  {'flags':<{fw}}note")
     lines = [head, "-" * len(head)]
     for r in rows:
         ok = r["status"] == "ok"
         pct = lambda k: _fmt(100 * r[k], ".0f") if ok and r.get(k) is not None else "-"  # noqa: E731
+        stall = "?" if ok and "e2e>model" in r.get("flags", []) else pct("stall_share")
         lines.append(
-            f"{STAGE_NAMES.get(r['stage'], r['stage']):<12}{r['loader']:<10}{r['batch']:>6}{r.get('accum', 1):>6}  "
+            f"{STAGE_NAMES.get(r['stage'], r['stage']):<12}{r['loader']:<{width}}{r['batch']:>6}{r.get('accum', 1):>6}  "
             f"{r['status']:<8}{_fmt(r.get('images_per_s'), '.1f'):>10}{_fmt(r.get('spread_pct'), '.0f'):>6}"
             f"{_fmt(r.get('views_per_s'), '.1f'):>10}{_fmt(r.get('step_s'), '.3f'):>9}{pct('data_wait_share'):>7}"
-            f"{pct('stall_share'):>7}{_fmt(r.get('peak_mem_mb'), '.0f'):>10}  {r.get('note', '')}")
+            f"{stall:>7}{_fmt(r.get('peak_mem_mb'), '.0f'):>10}{_fmt(r.get('load_start'), '.1f'):>6}  "
+            f"{','.join(r.get('flags', [])):<{fw}}{r.get('note', '')}")
     return "\n".join(lines)
 
 
@@ -69,7 +80,7 @@ def write_csv(path: Path, config: dict, rows: list[dict]) -> Path:
         w = csv.DictWriter(f, fieldnames=CONFIG_COLUMNS + CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({**{k: config.get(k) for k in CONFIG_COLUMNS}, **r})
+            w.writerow({**{k: config.get(k) for k in CONFIG_COLUMNS}, **r, "flags": " ".join(r.get("flags", []))})
     return path
 
 
@@ -77,7 +88,7 @@ def _series(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rows:
         if r["status"] == "ok":
-            name = STAGE_NAMES.get(r["stage"], r["stage"]) + ("" if r["stage"] == "model" else f" {r['loader']}")
+            name = STAGE_NAMES.get(r["stage"], r["stage"]) + ("" if r["loader"] == "synthetic" else f" {r['loader']}")
             out.setdefault(name, []).append(r)
     return out
 
@@ -118,7 +129,8 @@ def plot_throughput(path: Path, rows: list[dict], title: str) -> Path | None:
 
 def plot_step_time(path: Path, rows: list[dict], title: str) -> Path | None:
     """Stacked seconds per step for each end-to-end point: compute (model-only step at the same
-    batch) + input (the rest of the end-to-end step). None without matplotlib or e2e points."""
+    batch) + input (the rest of the end-to-end step). Pairs flagged ``e2e>model`` are left out (the
+    title says how many). None without matplotlib or e2e points."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -126,9 +138,12 @@ def plot_step_time(path: Path, rows: list[dict], title: str) -> Path | None:
     except ImportError:
         return None
     model = {r["effective_batch"]: r for r in rows if r["stage"] == "model" and r["status"] == "ok"}
-    bars = [r for r in rows if r["stage"] == "e2e" and r["status"] == "ok" and r["effective_batch"] in model]
+    pairs = [r for r in rows if r["stage"] == "e2e" and r["status"] == "ok" and r["effective_batch"] in model]
+    bars = [r for r in pairs if "e2e>model" not in r.get("flags", [])]  # one of the pair's figures is wrong
     if not bars:
         return None
+    if len(bars) < len(pairs):
+        title += f"\n({len(pairs) - len(bars)} point(s) flagged e2e>model omitted)"
     labels = [f"{r['loader']}\n{r['effective_batch']}" for r in bars]
     compute = [model[r["effective_batch"]]["step_s"] for r in bars]
     stall = [max(0.0, r["step_s"] - c) for r, c in zip(bars, compute)]

@@ -13,6 +13,7 @@ status ``error`` and its traceback on stderr) and memory is released so the swee
 from __future__ import annotations
 
 import gc
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -117,26 +118,76 @@ class TimedIter:
             self.wait_s += self.clock() - t0
 
 
-def make_loader(name: str, batch: int, s: Settings):
-    """Build loader ``name`` for ``batch`` images per batch over ``s.images`` (``synthetic``: random views).
+LOADER_OPTIONS = {
+    "dali": {"cpu_decode": bool, "prefetch": int, "hw_decoder_load": float},
+    "ffcv": {"os_cache": bool, "order": str, "write_mode": str, "prefetch": int, "max_resolution": int},
+}
+
+
+def _option_value(kind: type, text: str):
+    if kind is bool:
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"want a boolean (1/0, true/false), got {text!r}")
+        return text.lower() in ("1", "true", "yes", "on")
+    return kind(text)
+
+
+def parse_loader_spec(spec: str) -> tuple[str, dict]:
+    """``"ffcv:os_cache=0:order=quasi_random"`` → ``("ffcv", {"os_cache": False, "order": "quasi_random"})``.
+
+    A loader spec is a loader name, optionally followed by ``:key=value`` options that go to the
+    loader's constructor (the keys of :data:`LOADER_OPTIONS`; values typed accordingly). The whole
+    spec names the series in the table, JSON and plots, so variants of one loader sit side by side.
+
+    Raises:
+        ValueError: an option this harness does not pass to that loader, or a malformed value.
+    """
+    name, *pairs = spec.split(":")
+    allowed = LOADER_OPTIONS.get(name, {})
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in allowed:
+            choices = ", ".join(f"{k}=..." for k in allowed) or "none"
+            raise ValueError(f"loader spec {spec!r}: unknown option {pair!r} for {name} (options: {choices})")
+        try:
+            options[key] = _option_value(allowed[key], value)
+        except ValueError as exc:
+            raise ValueError(f"loader spec {spec!r}: option {key}: {exc}") from None
+    return name, options
+
+
+def make_loader(spec: str, batch: int, s: Settings):
+    """Build the loader of ``spec`` (see :func:`parse_loader_spec`) for ``batch`` images per batch over
+    ``s.images`` (``synthetic``: random views on the device).
 
     Raises whatever :func:`pipeline.build_loader` raises (ImportError when not installed).
     """
+    name, options = parse_loader_spec(spec)
     common = dict(batch_size=batch, device=s.device, channels_last=s.channels_last, seed=s.seed, dtype=s.view_dtype)
     if name == "synthetic":
         return build_loader("synthetic", num_samples=batch * 1_000_000, size=s.image_size, pool=1, **common)
-    return build_loader(name, data_dir=s.images, aug=recipe(s.image_size), workers=s.workers, **common)
+    return build_loader(name, data_dir=s.images, aug=recipe(s.image_size), workers=s.workers, **common, **options)
 
 
-def probe_loader(name: str, s: Settings, batch: int) -> str | None:
-    """None when loader ``name`` can be built here, else the reason (missing package, bad arguments)."""
+def probe_loader(spec: str, s: Settings, batch: int) -> str | None:
+    """None when the loader of ``spec`` can be built here, else the reason (missing package, an option
+    this version of the loader does not take, no GPU, ...)."""
     try:
-        loader = make_loader(name, batch, s)
+        loader = make_loader(spec, batch, s)
     except (ImportError, ModuleNotFoundError, TypeError, NotImplementedError, RuntimeError, ValueError, OSError) as exc:
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     del loader
     gc.collect()
     return None
+
+
+def loadavg_1m() -> float | None:
+    """The 1-minute load average (runnable processes, ``os.getloadavg``), None where unsupported."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def point_steps(stage: str, effective_batch: int, s: Settings) -> int:
@@ -160,7 +211,7 @@ def run_point(stage: str, loader_name: str, batch: int, s: Settings, trainer: Tr
 
     Args:
         stage: ``loader``, ``model`` or ``e2e``.
-        loader_name: the loader (``synthetic`` for ``model``).
+        loader_name: the loader spec (``synthetic`` for ``model``; see :func:`parse_loader_spec`).
         trainer: the model side (None for ``loader``).
         projection_s: projected cost of the point from the previous batch size; above
             ``s.budget_s`` the point is skipped (status ``skipped``).
@@ -168,7 +219,7 @@ def run_point(stage: str, loader_name: str, batch: int, s: Settings, trainer: Tr
     """
     row = base_row(stage, loader_name, batch, s)
     steps = point_steps(stage, row["effective_batch"], s)
-    row.update(steps=steps, repeats=s.repeats, warmup=s.warmup)
+    row.update(steps=steps, repeats=s.repeats, warmup=s.warmup, load_start=loadavg_1m())
     if s.budget_s is not None and projection_s is not None and projection_s > s.budget_s:
         row.update(status="skipped", note=f"projected {projection_s:.0f} s > budget {s.budget_s:.0f} s")
         return row
@@ -215,7 +266,7 @@ def run_point(stage: str, loader_name: str, batch: int, s: Settings, trainer: Tr
             trainer.optimizer.zero_grad(set_to_none=True)
         release_memory(s.device)
     row.update(peak_mem_mb=round(guard.peak_mb, 1), start_mem_mb=round(guard.start_mb, 1), mem_kind=guard.kind,
-               torch_threads=torch.get_num_threads())
+               torch_threads=torch.get_num_threads(), load_end=loadavg_1m())
     if first:
         row["first_step_s"] = round(first[0], 4)
     if row["status"] != "ok":

@@ -23,16 +23,23 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Before torch starts OpenMP: waiting threads sleep instead of spinning (bench/trust.py, OMP_WAIT_POLICY).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch  # noqa: E402
 
 from bench.environment import environment  # noqa: E402
 from bench.memory import default_ceiling_mb  # noqa: E402
 from model.profiling import DEFAULT_SCHEDULE, StepProfiler, parse_schedule  # noqa: E402
 from bench.report import plot_step_time, plot_throughput, table, write_csv, write_json  # noqa: E402
-from bench.stages import STAGES, Settings, Trainer, point_steps, probe_loader, run_point  # noqa: E402
+from bench.stages import (STAGE_NAMES, STAGES, Settings, Trainer, parse_loader_spec, point_steps,  # noqa: E402
+                          probe_loader, run_point)
 from bench.timing import stall_share  # noqa: E402
+from bench.trust import (E2E_TOLERANCE, MAX_SPREAD_PCT, add_flag, beats_model, flag_load, keep_better,  # noqa: E402
+                         load_warning, too_spread, usable_cores)
 from model.backbones import ARCHS  # noqa: E402
 from model.precision import AMP_MODES  # noqa: E402
+from pipeline import LOADERS  # noqa: E402
 from pipeline.device import resolve_device  # noqa: E402
 from pipeline.imagefolder import ImageList, scan_image_folder  # noqa: E402
 
@@ -60,7 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--stages", default=",".join(STAGES), help="comma list of loader, model, e2e")
     p.add_argument("--loaders", default=None,
-                   help="comma list of torch, dali, ffcv; default: every installed one (quick: torch,dali)")
+                   help="comma list of loader specs: a loader name (torch, dali, ffcv, ...) optionally followed by "
+                        ":key=value constructor options, e.g. dali:cpu_decode=1 or ffcv:os_cache=0:order=quasi_random "
+                        "(bench/stages.py LOADER_OPTIONS); default: every installed one (quick: torch,dali)")
     p.add_argument("--batch-sizes", type=int_list, default=None,
                    help="comma list (default 64,128,...,4096; quick 8,16)")
     p.add_argument("--accum", type=int, default=1, help="batches per optimiser step (gradient accumulation)")
@@ -96,6 +105,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--memory-ceiling", type=float, default=None,
                    help="CPU: process RSS ceiling in MiB; a point crossing it is recorded as OOM "
                         "(default: RSS now + 80%% of available memory; 0 disables)")
+    t.add_argument("--time-limit-s", type=float, default=None,
+                   help="stop starting points after this many seconds (the rest are recorded as skipped); "
+                        "for a section of a timed script such as bench/gpu_check.sh")
+    t.add_argument("--max-spread", type=float, default=MAX_SPREAD_PCT,
+                   help="re-measure a point whose repeats disagree by more than this many percent "
+                        "((max - min) / median), then flag it (default %(default)s)")
+    t.add_argument("--remeasure", type=int, default=1,
+                   help="re-measurements of a point whose spread is too large or whose end-to-end figure beats "
+                        "model-only (default %(default)s; 0: flag only)")
+    t.add_argument("--e2e-tolerance", type=float, default=E2E_TOLERANCE,
+                   help="end to end may beat model-only by this fraction before the pair is re-measured and "
+                        "flagged (default %(default)s)")
+    t.add_argument("--reference", default=None,
+                   help="throughput.json of an earlier run with the same model settings: its model-only points "
+                        "are the ceiling for this run's end-to-end points when this run has no model stage")
     t.add_argument("--seed", type=int, default=0)
     f = p.add_argument_group("profiling")
     f.add_argument("--profile", action="store_true",
@@ -123,7 +147,7 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
     if args.channels_last is None:
         args.channels_last = gpu
     if args.budget_s is None:
-        args.budget_s = None if gpu else 60.0
+        args.budget_s = None if gpu or args.quick else 60.0  # --quick is small enough to run every point
     if args.budget_s == 0:
         args.budget_s = None
     if args.memory_ceiling is None:
@@ -150,16 +174,165 @@ def bench_images(data: str, num_images: int, seed: int) -> ImageList:
     return scan_image_folder(split).subset(num_images, seed)
 
 
-def add_stall_shares(rows: list[dict]) -> None:
-    """Set ``stall_share`` on end-to-end rows from the model-only row at the same effective batch."""
-    model = {r["effective_batch"]: r for r in rows if r["stage"] == "model" and r["status"] == "ok"}
+def add_stall_shares(rows: list[dict], reference: list[dict] | None = None) -> None:
+    """Set ``stall_share`` on end-to-end rows from the model-only row at the same effective batch
+    (this run's, else ``reference``'s). Pairs flagged ``e2e>model`` get none: one figure is wrong."""
+    model = {r["effective_batch"]: r for r in (reference or []) if r["stage"] == "model" and r["status"] == "ok"}
+    model.update({r["effective_batch"]: r for r in rows if r["stage"] == "model" and r["status"] == "ok"})
     for r in rows:
         if r["stage"] == "e2e" and r["status"] == "ok" and r["effective_batch"] in model:
-            r["stall_share"] = stall_share(r["images_per_s"], model[r["effective_batch"]]["images_per_s"])
+            if "e2e>model" in r.get("flags", []):
+                r["stall_share"] = None
+            else:
+                r["stall_share"] = stall_share(r["images_per_s"], model[r["effective_batch"]]["images_per_s"])
+
+
+REFERENCE_KEYS = ("arch", "image_size", "small_stem", "dim", "pred_dim", "amp", "channels_last", "sync_bn", "compile")
+
+
+def load_reference(path: str, config: dict) -> list[dict]:
+    """Model-only rows of an earlier ``throughput.json`` measured with the same model settings.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not a throughput.json, or other model settings.
+    """
+    import json
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--reference {path}: no such file")
+    try:
+        data = json.loads(p.read_text())
+        ref_config, rows = data["config"], data["results"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"--reference {path}: not a throughput.json written by bench/throughput.py") from None
+    differ = [k for k in REFERENCE_KEYS if ref_config.get(k) != config.get(k)]
+    if ref_config.get("device", "").split(":")[0] != config["device"].split(":")[0]:
+        differ.append("device")
+    if differ:
+        raise ValueError(f"--reference {path} was measured with other settings ({', '.join(differ)}); "
+                         f"its model-only figures cannot be this run's ceiling")
+    return [r for r in rows if r.get("stage") == "model"]
+
+
+class Sweep:
+    """The points of one run, measured in order, with the checks of :mod:`bench.trust`.
+
+    ``measure(stage, name, batch)`` runs a point (honouring the time budget, the section time
+    limit, and re-measuring a point whose repeats disagree); ``check_batch(batch)`` compares the
+    end-to-end points of a batch size with model-only and re-measures or flags them.
+    """
+
+    def __init__(self, args, s: Settings, trainer, out: Path, env: dict, config: dict, reference: list[dict],
+                 t0: float):
+        self.args, self.s, self.trainer, self.out, self.env, self.config = args, s, trainer, out, env, config
+        self.reference = reference
+        self.rows: list[dict] = []
+        self.cores = usable_cores()
+        self.t0 = t0  # time.monotonic() when the run started: --time-limit-s counts set-up too
+        self.last: dict[tuple[str, str], tuple[int, float, float]] = {}  # (stage, loader) → last ok point's
+        # (effective batch, s/step, first step s)
+        self.model_skipped: set[int] = set()
+        self.total = 0
+
+    def _left_s(self) -> float | None:
+        if self.args.time_limit_s is None:
+            return None
+        return self.args.time_limit_s - (time.monotonic() - self.t0)
+
+    def _projection(self, stage: str, name: str, batch: int) -> float | None:
+        if (stage, name) not in self.last:
+            return None
+        s = self.s
+        eb = batch * (1 if stage == "loader" else s.accum)
+        prev_eb, prev_step, prev_first = self.last[(stage, name)]
+        # the previous point's first step stands for this one's start-up (workers, pipeline build, FFCV's
+        # numba compile); the steps scale with the batch
+        return prev_first + prev_step * eb / prev_eb * (s.warmup + s.repeats * point_steps(stage, eb, s))
+
+    def _run(self, stage: str, name: str, batch: int) -> dict:
+        s = self.s
+        accum = 1 if stage == "loader" else s.accum
+        skipped = {"stage": stage, "loader": name, "batch": batch, "accum": accum, "effective_batch": batch * accum,
+                   "status": "skipped"}
+        if stage != "model" and batch > len(s.images):
+            return dict(skipped, note=f"batch > the {len(s.images)} benchmark images")
+        if stage == "e2e" and batch in self.model_skipped:  # end to end costs at least the model-only step
+            return dict(skipped, note="model-only was over the budget at this batch")
+        proj = self._projection(stage, name, batch)
+        left = self._left_s()
+        if left is not None and (left <= 0 or (proj is not None and proj > left)):
+            return dict(skipped, note=f"section time limit {self.args.time_limit_s:.0f} s"
+                        + (f" (projected {proj:.0f} s, {max(left, 0):.0f} s left)" if proj is not None else ""))
+        torch.set_num_threads(s.threads)  # a loader library may have changed it (FFCV sets 1 on import)
+        row = run_point(stage, name, batch, s, self.trainer if stage != "loader" else None, proj)
+        flag_load(row, self.cores)
+        return row
+
+    def measure(self, stage: str, name: str, batch: int) -> dict:
+        """Measure a point (re-measured up to ``--remeasure`` times while its spread is too large);
+        append, print one progress line and rewrite the partial JSON. Returns the row."""
+        row = self._run(stage, name, batch)
+        for _ in range(self.args.remeasure):
+            if not too_spread(row, self.args.max_spread):
+                break
+            again = self._run(stage, name, batch)
+            if again["status"] == "skipped":
+                break
+            row = keep_better(row, again)
+        if too_spread(row, self.args.max_spread):
+            add_flag(row, "spread")
+        if row["status"] == "ok":
+            self.last[(stage, name)] = (row["effective_batch"], row["step_s"], row.get("first_step_s", 0.0))
+        elif stage == "model" and row["status"] == "skipped":
+            self.model_skipped.add(batch)
+        self.rows.append(row)
+        self._progress(row)
+        return row
+
+    def _replace(self, old: dict, new: dict) -> dict:
+        new = keep_better(old, new) if new["status"] == "ok" else old
+        self.rows[self.rows.index(old)] = new
+        self._progress(new, again=True)
+        return new
+
+    def check_batch(self, batch: int) -> None:
+        """End-to-end faster than model-only at ``batch`` is impossible: re-measure model-only (this
+        run's) once, then the offending end-to-end points once; flag what still disagrees."""
+        eb = batch * self.s.accum
+        model = next((r for r in self.rows if r["stage"] == "model" and r["effective_batch"] == eb), None)
+        own_model = model is not None
+        if model is None:
+            model = next((r for r in self.reference if r["effective_batch"] == eb and r["status"] == "ok"), None)
+        if model is None:
+            return
+        bad = [r for r in self.rows if r["stage"] == "e2e" and r["effective_batch"] == eb and beats_model(r, model, self.args.e2e_tolerance)]
+        if bad and self.args.remeasure >= 1:
+            if own_model:
+                again = self._run("model", "synthetic", batch)
+                model = self._replace(model, again)
+            for r in [r for r in bad if beats_model(r, model, self.args.e2e_tolerance)]:
+                self._replace(r, self._run("e2e", r["loader"], batch))
+        for r in self.rows:
+            if r["stage"] == "e2e" and r["effective_batch"] == eb and beats_model(r, model, self.args.e2e_tolerance):
+                add_flag(r, "e2e>model")
+                if own_model:
+                    add_flag(model, "e2e>model")
+
+    def _progress(self, row: dict, again: bool = False) -> None:
+        ips = row.get("images_per_s")
+        what = (f"{ips:.1f} images/s ±{row.get('spread_pct', 0):.0f}%" if row["status"] == "ok"
+                else f"{row['status']} ({row.get('note', '')})")
+        flags = f" [{', '.join(row['flags'])}]" if row.get("flags") else ""
+        load = f" load {row['load_start']}" if row.get("load_start") is not None else ""
+        n = sum(1 for _ in self.rows)
+        print(f"{'  again' if again else f'[{n}/{self.total}]'} {STAGE_NAMES[row['stage']]} {row['loader']} "
+              f"batch {row['batch']}x{row['accum']}: {what}{load}{flags}", flush=True)
+        write_json(self.out / "throughput.json", self.env, self.config, self.rows, {"partial": True})  # survives a kill
 
 
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark described by parsed ``args``; returns ``{"out", "rows", "env", "config", ...}``."""
+    t_start = time.monotonic()
     device = resolve_device(args.device)
     args = resolve(args, device)
     stages = [s for s in args.stages.split(",") if s]
@@ -176,75 +349,70 @@ def run(args: argparse.Namespace) -> dict:
                  seed=args.seed, memory_ceiling_mb=args.memory_ceiling, budget_s=args.budget_s)
     env = environment(device)
     batches = args.batch_sizes
-    rows: list[dict] = []
     unavailable: dict[str, str] = {}
     loaders: list[str] = []
+    known = set(REAL_LOADERS) | {n for n in LOADERS if n != "synthetic"}
     if "loader" in stages or "e2e" in stages:
+        specs = [x for x in args.loaders.split(",") if x]
+        for spec in specs:
+            name = parse_loader_spec(spec)[0]
+            if name not in known:
+                raise ValueError(f"unknown loader {name!r}; choose from {', '.join(sorted(known))}")
         s.images = bench_images(args.data, args.num_images, args.seed)
-        for name in [x for x in args.loaders.split(",") if x]:
-            if name not in REAL_LOADERS:
-                raise ValueError(f"unknown loader {name!r}; choose from {', '.join(REAL_LOADERS)}")
-            why = probe_loader(name, s, min(batches[0], len(s.images)))
+        for spec in specs:
+            why = probe_loader(spec, s, min(batches[0], len(s.images)))
             if why is None:
-                loaders.append(name)
+                loaders.append(spec)
             else:
-                unavailable[name] = why
-                print(f"loader {name}: unavailable ({why})")
+                unavailable[spec] = why
+                print(f"loader {spec}: unavailable ({why})")
     config = {k: getattr(args, k) for k in ("arch", "image_size", "small_stem", "dim", "pred_dim", "amp",
                                             "channels_last", "sync_bn", "compile", "workers", "accum", "warmup",
                                             "repeats", "min_images", "min_steps", "loader_min_steps", "budget_s", "memory_ceiling",
-                                            "batch_sizes", "stages", "quick", "seed")}
+                                            "batch_sizes", "stages", "quick", "seed", "max_spread", "remeasure",
+                                            "e2e_tolerance", "time_limit_s", "reference")}
     config.update(device=str(device), num_images=len(s.images) if s.images is not None else None,
                   data=s.images.root if s.images is not None else None, loaders=loaders, unavailable=unavailable)
+    reference = load_reference(args.reference, config) if args.reference else []
+    warnings_ = [w for w in [load_warning(env["loadavg"][0] if env["loadavg"] else None, usable_cores())] if w]
     print(f"device {env['device_name']} | torch {env['torch']} | {args.arch} {args.image_size}px | amp {args.amp} | "
-          f"channels_last {args.channels_last} | sync-bn {args.sync_bn} | workers {args.workers} | load {env['loadavg']}",
-          flush=True)
+          f"channels_last {args.channels_last} | sync-bn {args.sync_bn} | workers {args.workers} | load {env['loadavg']} "
+          f"on {usable_cores()} cores", flush=True)
+    for w in warnings_:
+        print(w, flush=True)
     trainer = Trainer(s) if ("model" in stages or "e2e" in stages) else None
     config["sync_bn_kind"] = s.sync_bn_kind
+    sweep = Sweep(args, s, trainer, out, env, config, reference, t_start)
     # Loader-only points first; then model-only and end-to-end interleaved batch size by batch size,
     # so drifting machine speed (shared CPUs) affects the two sides of the stall share alike.
     loader_plan = [("loader", n) for n in loaders] if "loader" in stages else []
     compute_plan = [("model", "synthetic")] * ("model" in stages) + [("e2e", n) for n in loaders if "e2e" in stages]
-    order = [(st, n, b) for st, n in loader_plan for b in batches] + \
-        [(st, n, b) for b in batches for st, n in compute_plan]
-    last: dict[tuple[str, str], tuple[int, float]] = {}  # (stage, loader) → (effective batch, s/step) of the last ok point
-    model_skipped: set[int] = set()
-    print(table([]))
-    for stage, name, b in order:
-        if stage != "model" and b > len(s.images):
-            row = {"stage": stage, "loader": name, "batch": b, "accum": 1, "effective_batch": b,
-                   "status": "skipped", "note": f"batch > the {len(s.images)} benchmark images"}
-        elif stage == "e2e" and b in model_skipped:  # end to end costs at least the model-only step
-            row = {"stage": stage, "loader": name, "batch": b, "accum": s.accum, "effective_batch": b * s.accum,
-                   "status": "skipped", "note": "model-only was over the budget at this batch"}
-        else:
-            proj = None
-            if (stage, name) in last:
-                eb = b * (1 if stage == "loader" else s.accum)
-                prev_eb, prev_step = last[(stage, name)]
-                proj = prev_step * eb / prev_eb * (s.warmup + s.repeats * point_steps(stage, eb, s))
-            torch.set_num_threads(s.threads)  # a loader library may have changed it (FFCV sets 1 on import)
-            row = run_point(stage, name, b, s, trainer if stage != "loader" else None, proj)
-        if row["status"] == "ok":
-            last[(stage, name)] = (row["effective_batch"], row["step_s"])
-        elif stage == "model" and row["status"] == "skipped":
-            model_skipped.add(b)
-        rows.append(row)
-        print(table([row]).splitlines()[-1], flush=True)
-        write_json(out / "throughput.json", env, config, rows, {"partial": True})  # survives a kill
+    sweep.total = len(batches) * (len(loader_plan) + len(compute_plan))
+    for stage, name in loader_plan:
+        for b in batches:
+            sweep.measure(stage, name, b)
+    for b in batches:
+        for stage, name in compute_plan:
+            sweep.measure(stage, name, b)
+        if "e2e" in stages:
+            sweep.check_batch(b)
+    rows = sweep.rows
     rank = {(st, n): i for i, (st, n) in enumerate(loader_plan + compute_plan)}
     rows.sort(key=lambda r: rank[(r["stage"], r["loader"])])  # stable: batch order kept within a series
-    add_stall_shares(rows)
-    extra = {}
+    add_stall_shares(rows, reference)
+    extra = {"warnings": warnings_, "cores": usable_cores()}
     if args.profile:
         extra["profile"] = profile_run(args, s, trainer, loaders, out)
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    end_warning = load_warning(env["loadavg_end"][0], usable_cores())
+    if end_warning and not warnings_:
+        warnings_.append(end_warning)
     title = (f"{args.arch} {args.image_size}px amp={args.amp} cl={args.channels_last} sync_bn={args.sync_bn} "
              f"on {env['device_name']}")
     files = {"json": out / "throughput.json", "csv": out / "throughput.csv"}
     write_csv(files["csv"], config, rows)
     p1 = plot_throughput(out / "images_per_s.png", rows, title)
-    p2 = plot_step_time(out / "step_time.png", rows, title)
+    p2 = plot_step_time(out / "step_time.png", rows + [r for r in reference if r["status"] == "ok"], title)
     files.update({k: v for k, v in (("plot_images_per_s", p1), ("plot_step_time", p2)) if v is not None})
     extra["files"] = {k: str(v) for k, v in files.items()}
     write_json(files["json"], env, config, rows, extra)
@@ -252,10 +420,23 @@ def run(args: argparse.Namespace) -> dict:
     print(table(rows))
     for name, why in unavailable.items():
         print(f"{name}: unavailable ({why})")
+    flagged = [r for r in rows if r.get("flags")]
+    if flagged:
+        print(f"{len(flagged)} flagged point(s): " + "; ".join(FLAG_MEANINGS[f] for f in
+                                                               sorted({f for r in flagged for f in r["flags"]})))
+    for w in warnings_:
+        print(w)
     if "profile" in extra and extra["profile"].get("verdict"):
         print(extra["profile"]["verdict"])
     print(f"results: {', '.join(str(v) for v in files.values())}  (load {env['loadavg']} → {env['loadavg_end']})")
     return {"out": out, "rows": rows, "env": env, "config": config, **extra}
+
+
+FLAG_MEANINGS = {
+    "load": "load: the load average exceeded the usable cores during the point",
+    "spread": "spread: repeats disagreed by more than --max-spread % even after re-measuring",
+    "e2e>model": "e2e>model: end to end beat model-only at the same batch (impossible in a steady state; no stall share)",
+}
 
 
 def profile_run(args, s: Settings, trainer: Trainer | None, loaders: list[str], out: Path) -> dict:

@@ -110,7 +110,10 @@ class DaliLoader:
             are cast after DALI.
         prefetch: DALI ``prefetch_queue_depth``: batches computed ahead (2 is DALI's documented
             default; on a GPU each extra batch holds two views of GPU memory).
-        cpu_decode: decode on the CPU even when ``device`` is a GPU (ops still on the GPU).
+        cpu_decode: decode on the CPU even when ``device`` is a GPU (ops still on the GPU). With a
+            CPU ``device`` everything already runs on the CPU: a warning says the option does nothing.
+        hw_decoder_load: GPU (``mixed``) decoding only: the share of images for the hardware JPEG
+            decoder, in [0, 1] (None: ``MIXED_DECODER_ARGS``'s; see :mod:`pipeline.dali_pipeline`).
 
     Yields:
         :class:`TwoViewBatch`: views ``(B, 3, S, S)``, label ``(B,)`` int64, all on ``device``.
@@ -125,7 +128,7 @@ class DaliLoader:
     Raises:
         FileNotFoundError, ValueError: from :func:`pipeline.imagefolder.scan_image_folder`.
         ValueError: batch size larger than this rank's shard; bad rank / world size; a CUDA
-            ``device`` DALI cannot see (see :func:`dali_placement`).
+            ``device`` DALI cannot see (see :func:`dali_placement`); ``hw_decoder_load`` outside [0, 1].
         OSError: a PNG copy cannot be written.
         DaliDecodeError: (while iterating) DALI could not decode a file; the message names it.
     """
@@ -133,10 +136,16 @@ class DaliLoader:
     def __init__(self, data_dir, aug: AugmentConfig, batch_size: int, device: torch.device | str = "cpu",
                  workers: int = 2, channels_last: bool = False, seed: int = 0, rank: int = 0,
                  world_size: int = 1, dtype: torch.dtype = torch.float32, prefetch: int = 2,
-                 cpu_decode: bool = False):
+                 cpu_decode: bool = False, hw_decoder_load: float | None = None):
         self.images = data_dir if isinstance(data_dir, ImageList) else scan_image_folder(data_dir)
         self.device, self.channels_last, self.dtype = torch.device(device), channels_last, dtype
         self.device_id, self.decode_device, self.op_device = dali_placement(self.device, cpu_decode)
+        if cpu_decode and self.device.type == "cpu":
+            warnings.warn("--dali-cpu-decode does nothing without a GPU: DALI already decodes and augments on the "
+                          "CPU here", stacklevel=2)
+        if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load must be a share in [0, 1], got {hw_decoder_load}")
+        self.hw_decoder_load = hw_decoder_load
         self.batch_size, self.aug = batch_size, aug
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.workers, self.prefetch = max(1, workers), max(1, prefetch)
@@ -175,7 +184,7 @@ class DaliLoader:
         out_dtype = "float16" if self.dtype == torch.float16 else "float32"
         pipe = simsiam_pipeline(
             files, labels, self.aug, self.decode_device, self.op_device,
-            "HWC" if self.channels_last else "CHW", out_dtype,
+            "HWC" if self.channels_last else "CHW", out_dtype, self.hw_decoder_load,
             batch_size=self.batch_size, num_threads=self.workers, device_id=self.device_id,
             seed=epoch_seed(self.seed, self.epoch, self.rank) % 2**31,
             prefetch_queue_depth=self.prefetch)
@@ -208,8 +217,10 @@ class DaliLoader:
                     if not _is_input_error(exc):
                         raise
                     raise self._decode_error(exc, files, step * self.batch_size) from exc
-                yield TwoViewBatch(self._view(out["view1"]), self._view(out["view2"]),
-                                   out["label"].reshape(-1).to(self.device, torch.int64, non_blocking=True))
+                # labels are DALI's CPU memory, seen through DLPack: converted on the host into a tensor of
+                # our own before the non-blocking upload, so DALI may reuse its buffer at once
+                label = out["label"].reshape(-1).to(torch.int64, copy=True).to(self.device, non_blocking=True)
+                yield TwoViewBatch(self._view(out["view1"]), self._view(out["view2"]), label)
         finally:
             del iterator
 

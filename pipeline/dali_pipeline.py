@@ -28,11 +28,20 @@ from .augment import AugmentConfig
 
 READER = "Reader"
 
-# GPU (mixed) decoder settings, from DALI's ResNet-50 PyTorch example
-# (docs/examples/use_cases/pytorch/resnet50/main.py): nvJPEG buffers sized for the largest
-# full-size ImageNet image so they are never reallocated during training, and the hardware
-# decoder (A100/H100/H200 nvJPEG engine) preallocated for the largest ImageNet frame.
-# hw_decoder_load=0.65 is DALI's documented default share of images sent to the hardware decoder.
+# GPU (mixed) decoder settings. nvJPEG's buffer paddings are DALI's ResNet-50 PyTorch example's
+# (docs/examples/use_cases/pytorch/resnet50/main.py: 211025920 device, 140544512 host bytes), and
+# the preallocation hints (5980 x 6430) are the largest ImageNet image, as DALI's ResNet-50
+# TensorFlow and Paddle examples set them, so nvJPEG and the hardware decoder never reallocate
+# mid-training.
+# hw_decoder_load is the share of images sent to the hardware JPEG decoder (A100, H100 and H200
+# carry one: 5 NVJPG engines on A100, 7 on H100/H200 by NVIDIA's H100 whitepaper); the rest go to the
+# hybrid CUDA + CPU-thread path. DALI's guidance (fn.decoders.image docs): the best share depends on
+# the pipeline's CPU thread count and is to be found by measurement. DALI's own measurement
+# (NVIDIA/DALI#6366, EfficientNet training, batch 256): 0.90 gave +1.8% iterations/s over 0.65
+# with a longer decode tail, and DALI kept 0.65 as the default.
+# We ship DALI's default until the H200 run (bench/gpu_check.sh, section "variants", which times
+# 0.65, 0.9 and 1.0 at batch 256) shows which share feeds the model best; DaliLoader(hw_decoder_load=)
+# overrides it.
 MIXED_DECODER_ARGS = dict(
     device_memory_padding=211025920,
     host_memory_padding=140544512,
@@ -102,7 +111,7 @@ def one_view(images, aug: AugmentConfig, layout: str, dtype: str):
 
 @pipeline_def(enable_conditionals=True)
 def simsiam_pipeline(files: list[str], labels: list[int], aug: AugmentConfig, decode_device: str,
-                     op_device: str, layout: str, dtype: str):
+                     op_device: str, layout: str, dtype: str, hw_decoder_load: float | None = None):
     """Two views of every file in ``files``, read in exactly that order.
 
     Args:
@@ -112,6 +121,8 @@ def simsiam_pipeline(files: list[str], labels: list[int], aug: AugmentConfig, de
         decode_device: ``"mixed"`` (nvJPEG on the GPU) or ``"cpu"``.
         op_device: ``"gpu"`` or ``"cpu"``: where the augmentation ops run.
         layout, dtype: see :func:`one_view`.
+        hw_decoder_load: ``mixed`` only: share of images for the hardware JPEG decoder (None:
+            :data:`MIXED_DECODER_ARGS`'s).
 
     Pipeline-level ``batch_size``, ``num_threads``, ``device_id``, ``seed`` and
     ``prefetch_queue_depth`` are the keyword arguments of ``pipeline_def``.
@@ -119,7 +130,9 @@ def simsiam_pipeline(files: list[str], labels: list[int], aug: AugmentConfig, de
     Returns (per batch of ``B``): view1, view2 as in :func:`one_view`; label ``(B, 1)`` int32.
     """
     encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER)
-    extra = MIXED_DECODER_ARGS if decode_device == "mixed" else {}
+    extra = dict(MIXED_DECODER_ARGS) if decode_device == "mixed" else {}
+    if decode_device == "mixed" and hw_decoder_load is not None:
+        extra["hw_decoder_load"] = hw_decoder_load
     images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, **extra)
     if op_device == "gpu" and decode_device == "cpu":
         images = images.gpu()

@@ -1,6 +1,7 @@
 """The benchmark harness: arithmetic on a fake clock, a --quick run's files, OOM handling, trace summary."""
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -193,3 +194,105 @@ def test_trace_summary_refuses_a_trace_without_steps(tmp_path):
         (tmp_path / "t.json").write_text(text)
         with pytest.raises(ValueError, match="no profiled step"):
             trace_summary.summarize_trace(tmp_path / "t.json")
+
+
+# ---------------------------------------------------------------------------- trustworthy points
+
+def test_loader_specs_name_constructor_options():
+    from bench.stages import parse_loader_spec
+    assert parse_loader_spec("torch") == ("torch", {})
+    assert parse_loader_spec("dali:cpu_decode=1:hw_decoder_load=0.9") == ("dali", {"cpu_decode": True, "hw_decoder_load": 0.9})
+    assert parse_loader_spec("ffcv:os_cache=off:order=quasi_random") == ("ffcv", {"os_cache": False, "order": "quasi_random"})
+    for bad in ("dali:colour=1", "torch:workers=3", "ffcv:os_cache=maybe", "dali:hw_decoder_load=x", "dali:cpu_decode"):
+        with pytest.raises(ValueError, match="loader spec"):
+            parse_loader_spec(bad)
+
+
+def test_dali_cpu_decode_on_the_cpu_says_it_does_nothing(photo_folder):
+    from pipeline.augment import recipe
+    from pipeline.dali_loader import DaliLoader
+    with pytest.warns(UserWarning, match="does nothing without a GPU"):
+        DaliLoader(photo_folder, recipe(16), batch_size=4, device="cpu", cpu_decode=True)
+    with pytest.raises(ValueError, match="hw_decoder_load"):
+        DaliLoader(photo_folder, recipe(16), batch_size=4, device="cpu", hw_decoder_load=1.5)
+
+
+class ScriptedPoints:
+    """Stands in for bench.stages.run_point: returns scripted images/s per (stage, batch), in call order."""
+
+    def __init__(self, script):
+        self.script = {k: list(v) for k, v in script.items()}
+        self.calls = []
+
+    def __call__(self, stage, name, batch, s, trainer, projection_s=None, profiler=None):
+        self.calls.append((stage, batch))
+        ips, spread, load = self.script[(stage, batch)].pop(0)
+        return {"stage": stage, "loader": name, "batch": batch, "accum": 1, "effective_batch": batch, "status": "ok",
+                "note": "", "images_per_s": ips, "images_per_s_min": ips * (1 - spread / 200),
+                "images_per_s_max": ips * (1 + spread / 200), "spread_pct": spread, "views_per_s": 2 * ips,
+                "step_s": batch / ips, "data_wait_share": 0.1, "peak_mem_mb": 100.0, "load_start": load, "load_end": load}
+
+
+def test_impossible_and_noisy_points_are_remeasured_then_flagged(photo_folder, tmp_path, monkeypatch, capsys):
+    script = ScriptedPoints({
+        ("model", 8): [(100.0, 3, 0.5), (101.0, 2, 0.5)],          # re-measured because e2e beat it
+        ("e2e", 8): [(150.0, 4, 0.5), (140.0, 4, 0.5)],            # still faster than model-only: flagged
+        ("model", 16): [(100.0, 2, 0.5)],
+        ("e2e", 16): [(70.0, 40, 0.5), (80.0, 5, 0.5)],            # spread 40% > 15%: re-measured, 5% kept
+        ("model", 32): [(100.0, 30, 99.0), (100.0, 25, 99.0)],     # noisy twice, under a load above the cores
+        ("e2e", 32): [(60.0, 3, 0.5)],
+    })
+    monkeypatch.setattr(throughput, "run_point", script)
+    res = throughput.main(["--quick", "--loaders", "torch", "--stages", "model,e2e", "--batch-sizes", "8,16,32",
+                           "--data", str(photo_folder), "--num-images", "22", "--out", str(tmp_path)])
+    rows = {(r["stage"], r["batch"]): r for r in res["rows"]}
+    assert script.calls.count(("model", 8)) == 2 and script.calls.count(("e2e", 8)) == 2
+    assert "e2e>model" in rows[("e2e", 8)]["flags"] and "e2e>model" in rows[("model", 8)]["flags"]
+    assert rows[("e2e", 8)]["stall_share"] is None
+    e16 = rows[("e2e", 16)]
+    assert e16["spread_pct"] == 5 and e16["attempts"] == [70.0, 80.0] and not e16.get("flags")
+    assert e16["stall_share"] == pytest.approx(0.2)
+    assert set(rows[("model", 32)]["flags"]) == {"spread", "load"}  # kept, marked, not hidden
+    printed = capsys.readouterr().out
+    assert printed.count("stage       loader") == 1  # the table is printed once, at the end
+    assert "e2e>model: end to end beat model-only" in printed
+    saved = json.loads((tmp_path / "throughput.json").read_text())
+    assert "partial" not in saved and [r.get("flags", []) for r in saved["results"]] == [r.get("flags", []) for r in res["rows"]]
+    table_line = next(line for line in printed.splitlines() if line.startswith("end-to-end") and " 8 " in line)
+    assert " ? " in table_line  # no stall share for an impossible pair
+
+
+def test_reference_model_rows_give_the_stall_share_of_an_e2e_only_run(photo_folder, tmp_path, monkeypatch):
+    script = ScriptedPoints({("model", 8): [(100.0, 2, 0.5)], ("e2e", 8): [(75.0, 2, 0.5)]})
+    monkeypatch.setattr(throughput, "run_point", script)
+    throughput.main(["--quick", "--stages", "model", "--batch-sizes", "8", "--out", str(tmp_path / "m")])
+    res = throughput.main(["--quick", "--loaders", "torch", "--stages", "e2e", "--batch-sizes", "8", "--data",
+                           str(photo_folder), "--out", str(tmp_path / "e"), "--reference", str(tmp_path / "m" / "throughput.json")])
+    assert res["rows"][0]["stall_share"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="other settings"):
+        throughput.main(["--quick", "--image-size", "24", "--loaders", "torch", "--stages", "e2e", "--batch-sizes", "8",
+                         "--data", str(photo_folder), "--out", str(tmp_path / "x"),
+                         "--reference", str(tmp_path / "m" / "throughput.json")])
+
+
+def test_section_time_limit_skips_the_rest(photo_folder, tmp_path, monkeypatch):
+    import time as time_mod
+    script = ScriptedPoints({("model", 8): [(100.0, 2, 0.5)]})
+
+    def slow(*a, **k):
+        time_mod.sleep(1.2)
+        return script(*a, **k)
+    monkeypatch.setattr(throughput, "run_point", slow)
+    res = throughput.main(["--quick", "--stages", "model", "--batch-sizes", "8,16,32", "--time-limit-s", "1",
+                           "--out", str(tmp_path)])
+    assert [r["status"] for r in res["rows"]] == ["ok", "skipped", "skipped"]
+    assert "section time limit" in res["rows"][1]["note"]
+
+
+def test_ffcv_colour_stage_leaves_the_decoding_threads_their_cores():
+    from pipeline.ffcv_loader import colour_threads_for
+    assert colour_threads_for(torch.device("cuda"), 2) is None  # on a GPU the stage is not on the CPU
+    n = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    assert colour_threads_for(torch.device("cpu"), cores) == 1  # FFCV's threads take every core: one is left
+    assert colour_threads_for(torch.device("cpu"), 1) == max(1, min(n, cores - 1))
