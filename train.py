@@ -7,6 +7,13 @@ official ``main_simsiam.py``. ``python train.py`` with no arguments prepares Fas
 """
 from __future__ import annotations
 
+import os
+
+# Before torch starts OpenMP: waiting OpenMP threads sleep instead of spinning. The loader's workers
+# share the cores with the training threads, and spinning threads on oversubscribed cores made a CPU
+# step 10-50x slower here (bench/README: 2-10 s against 0.19 s); setting it yourself wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import dataclasses
 import json
@@ -76,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--dali-cpu-decode", action="store_true",
                    help="--loader dali on a GPU: decode JPEGs on the CPU, augment on the GPU")
     d.add_argument("--dali-prefetch", type=int, default=2, help="--loader dali: batches DALI prepares ahead")
+    d.add_argument("--dali-hw-decoder-load", type=float, default=None,
+                   help="--loader dali on a GPU: share of JPEGs sent to the hardware decoder (default: DALI's 0.65)")
     d.add_argument("--synthetic-size", type=int, default=60000, help="images per epoch of --loader synthetic")
     d.add_argument("--ffcv-beton", default=None,
                    help="--loader ffcv: .beton to read (default: written once next to the split, under .ffcv/)")
@@ -292,6 +301,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
                              max_resolution=args.ffcv_max_resolution, write_mode=args.ffcv_write_mode)
             elif args.loader == "dali":
                 extra = dict(cpu_decode=args.dali_cpu_decode, prefetch=args.dali_prefetch)
+                if args.dali_hw_decoder_load is not None:
+                    extra["hw_decoder_load"] = args.dali_hw_decoder_load
             loader = build_loader(args.loader, data_dir=train_images, aug=aug, workers=args.workers, **common, **extra)
     steps_per_epoch = len(loader) // args.accum
     if steps_per_epoch < 1:
