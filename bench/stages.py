@@ -59,6 +59,8 @@ class Settings:
     loader_min_steps: int = 10
     accum: int = 1
     seed: int = 0
+    rank: int = 0
+    world_size: int = 1
     memory_ceiling_mb: float | None = None
     budget_s: float | None = None
     images: ImageList | None = None
@@ -167,7 +169,30 @@ def make_loader(spec: str, batch: int, s: Settings):
     common = dict(batch_size=batch, device=s.device, channels_last=s.channels_last, seed=s.seed, dtype=s.view_dtype)
     if name == "synthetic":
         return build_loader("synthetic", num_samples=batch * 1_000_000, size=s.image_size, pool=1, **common)
-    return build_loader(name, data_dir=s.images, aug=recipe(s.image_size), workers=s.workers, **common, **options)
+    return build_loader(name, data_dir=s.images, aug=recipe(s.image_size), workers=s.workers, rank=s.rank,
+                        world_size=s.world_size, **common, **options)
+
+
+def sum_over_ranks(rows: list[dict]) -> dict:
+    """One row for a point measured by every rank at once (``rows`` in rank order).
+
+    Throughputs (images/s, views/s, their min and max) are summed over ranks; the step time, the
+    spread and the peak memory are the largest rank's; the status is the first that is not ``ok``.
+    Every rank gets the same row, so every rank takes the same decisions afterwards.
+    """
+    if len(rows) == 1:
+        return rows[0]
+    bad = next((r for r in rows if r["status"] != "ok"), None)
+    row = dict(bad if bad is not None else rows[0], ranks=len(rows))
+    if bad is not None:
+        return row
+    for k in ("images_per_s", "images_per_s_min", "images_per_s_max", "views_per_s"):
+        if rows[0].get(k) is not None:
+            row[k] = sum(r[k] for r in rows)
+    for k in ("step_s", "spread_pct", "peak_mem_mb", "first_step_s", "timed_s"):
+        if rows[0].get(k) is not None:
+            row[k] = max(r[k] for r in rows)
+    return row
 
 
 def probe_loader(spec: str, s: Settings, batch: int) -> str | None:

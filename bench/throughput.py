@@ -32,7 +32,7 @@ from bench.environment import environment  # noqa: E402
 from bench.memory import default_ceiling_mb  # noqa: E402
 from model.profiling import DEFAULT_SCHEDULE, StepProfiler, parse_schedule  # noqa: E402
 from bench.report import plot_step_time, plot_throughput, table, write_csv, write_json  # noqa: E402
-from bench.stages import (STAGE_NAMES, STAGES, Settings, Trainer, parse_loader_spec, point_steps,  # noqa: E402
+from bench.stages import (STAGE_NAMES, STAGES, Settings, Trainer, parse_loader_spec, point_steps, sum_over_ranks,  # noqa: E402
                           probe_loader, run_point)
 from bench.timing import stall_share  # noqa: E402
 from bench.trust import (E2E_TOLERANCE, MAX_SPREAD_PCT, add_flag, beats_model, flag_load, keep_better,  # noqa: E402
@@ -40,7 +40,7 @@ from bench.trust import (E2E_TOLERANCE, MAX_SPREAD_PCT, add_flag, beats_model, f
 from model.backbones import ARCHS  # noqa: E402
 from model.precision import AMP_MODES  # noqa: E402
 from pipeline import LOADERS  # noqa: E402
-from pipeline.device import resolve_device  # noqa: E402
+from model.distributed import DistContext, destroy, init_from_env, launched_by_torchrun  # noqa: E402
 from pipeline.imagefolder import ImageList, scan_image_folder  # noqa: E402
 
 DEFAULT_DATA = "data/fashion-mnist"
@@ -64,7 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="CI-sized run: resnet18, 16 px, batch 8 and 16, torch (and DALI when installed), 2 repeats")
     p.add_argument("--out", default=None, help="output folder (default bench/results/<time>)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes (one per GPU): relaunches itself under torchrun --standalone; images/s are "
+                        "summed over ranks. Or start it with torchrun yourself")
     p.add_argument("--stages", default=",".join(STAGES), help="comma list of loader, model, e2e")
     p.add_argument("--loaders", default=None,
                    help="comma list of loader specs: a loader name (torch, dali, ffcv, ...) optionally followed by "
@@ -77,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ImageFolder root (its train/ split is used when present) or a split folder; "
                         "the default is prepared from Fashion-MNIST when missing")
     p.add_argument("--num-images", type=int, default=None,
-                   help="images every loader reads (a fixed seeded subset; default 2 x the largest batch)")
+                   help="images every loader reads (a fixed seeded subset, sharded over ranks; default 2 x the "
+                        "largest batch x world size)")
     m = p.add_argument_group("matrix")
     m.add_argument("-a", "--arch", choices=ARCHS, default=None, help="default resnet18 (CPU), resnet50 (GPU)")
     m.add_argument("--image-size", type=int, default=None, help="view side in px; default 32 (CPU), 224 (GPU)")
@@ -130,7 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+def resolve(args: argparse.Namespace, device: torch.device, world_size: int = 1) -> argparse.Namespace:
     """Fill the defaults that depend on --quick and on the device."""
     gpu = device.type == "cuda"
     if gpu:
@@ -155,7 +159,7 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
     if args.memory_ceiling == 0:
         args.memory_ceiling = None
     if args.num_images is None:
-        args.num_images = 2 * max(args.batch_sizes)
+        args.num_images = 2 * max(args.batch_sizes) * world_size
     return args
 
 
@@ -223,8 +227,9 @@ class Sweep:
     """
 
     def __init__(self, args, s: Settings, trainer, out: Path, env: dict, config: dict, reference: list[dict],
-                 t0: float):
+                 t0: float, ctx: DistContext | None = None):
         self.args, self.s, self.trainer, self.out, self.env, self.config = args, s, trainer, out, env, config
+        self.ctx = ctx or DistContext(device=s.device)
         self.reference = reference
         self.rows: list[dict] = []
         self.cores = usable_cores()
@@ -250,12 +255,29 @@ class Sweep:
         return prev_first + prev_step * eb / prev_eb * (s.warmup + s.repeats * point_steps(stage, eb, s))
 
     def _run(self, stage: str, name: str, batch: int) -> dict:
+        """Measure one point; under torchrun every rank measures it at once, rank 0 decides whether it is
+        skipped, and the ranks' rows are combined (:func:`bench.stages.sum_over_ranks`)."""
+        skip = self.ctx.broadcast_object(self._skip(stage, name, batch) if self.ctx.is_main else None)
+        if skip is not None:
+            return skip
+        torch.set_num_threads(self.s.threads)  # a loader library may have changed it (FFCV sets 1 on import)
+        row = run_point(stage, name, batch, self.s, self.trainer if stage != "loader" else None,
+                        self._projection(stage, name, batch))
+        if self.ctx.distributed:
+            parts = [None] * self.ctx.world_size
+            torch.distributed.all_gather_object(parts, row)
+            row = sum_over_ranks(parts)
+        flag_load(row, self.cores)
+        return row
+
+    def _skip(self, stage: str, name: str, batch: int) -> dict | None:
+        """The row of a point that is not run (too large, over the budget or the time limit), else None."""
         s = self.s
         accum = 1 if stage == "loader" else s.accum
         skipped = {"stage": stage, "loader": name, "batch": batch, "accum": accum, "effective_batch": batch * accum,
                    "status": "skipped"}
-        if stage != "model" and batch > len(s.images):
-            return dict(skipped, note=f"batch > the {len(s.images)} benchmark images")
+        if stage != "model" and batch > len(s.images) // s.world_size:
+            return dict(skipped, note=f"batch > the {len(s.images) // s.world_size} benchmark images of a rank")
         if stage == "e2e" and batch in self.model_skipped:  # end to end costs at least the model-only step
             return dict(skipped, note="model-only was over the budget at this batch")
         proj = self._projection(stage, name, batch)
@@ -263,10 +285,7 @@ class Sweep:
         if left is not None and (left <= 0 or (proj is not None and proj > left)):
             return dict(skipped, note=f"section time limit {self.args.time_limit_s:.0f} s"
                         + (f" (projected {proj:.0f} s, {max(left, 0):.0f} s left)" if proj is not None else ""))
-        torch.set_num_threads(s.threads)  # a loader library may have changed it (FFCV sets 1 on import)
-        row = run_point(stage, name, batch, s, self.trainer if stage != "loader" else None, proj)
-        flag_load(row, self.cores)
-        return row
+        return None
 
     def measure(self, stage: str, name: str, batch: int) -> dict:
         """Measure a point (re-measured up to ``--remeasure`` times while its spread is too large);
@@ -324,6 +343,8 @@ class Sweep:
                 else f"{row['status']} ({row.get('note', '')})")
         flags = f" [{', '.join(row['flags'])}]" if row.get("flags") else ""
         load = f" load {row['load_start']}" if row.get("load_start") is not None else ""
+        if not self.ctx.is_main:
+            return
         n = sum(1 for _ in self.rows)
         print(f"{'  again' if again else f'[{n}/{self.total}]'} {STAGE_NAMES[row['stage']]} {row['loader']} "
               f"batch {row['batch']}x{row['accum']}: {what}{load}{flags}", flush=True)
@@ -333,15 +354,25 @@ class Sweep:
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark described by parsed ``args``; returns ``{"out", "rows", "env", "config", ...}``."""
     t_start = time.monotonic()
-    device = resolve_device(args.device)
-    args = resolve(args, device)
+    ctx = init_from_env(args.device)
+    try:
+        return _run(args, ctx, t_start)
+    finally:
+        destroy(ctx)
+
+
+def _run(args: argparse.Namespace, ctx: DistContext, t_start: float) -> dict:
+    device = ctx.device
+    args = resolve(args, device, ctx.world_size)
+    say = print if ctx.is_main else (lambda *a, **k: None)
     stages = [s for s in args.stages.split(",") if s]
     bad = set(stages) - set(STAGES)
     if bad:
         raise ValueError(f"unknown stage(s) {sorted(bad)}; choose from {', '.join(STAGES)}")
-    out = Path(args.out) if args.out else Path("bench/results") / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    s = Settings(device=device, arch=args.arch, image_size=args.image_size, small_stem=args.small_stem,
+    out = Path(args.out) if args.out else Path("bench/results") / ctx.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    s = Settings(device=device, rank=ctx.rank, world_size=ctx.world_size, arch=args.arch, image_size=args.image_size, small_stem=args.small_stem,
                  dim=args.dim, pred_dim=args.pred_dim, amp=args.amp, channels_last=args.channels_last,
                  sync_bn=args.sync_bn, compile=args.compile, workers=args.workers, warmup=args.warmup,
                  repeats=args.repeats, min_images=args.min_images, min_steps=args.min_steps,
@@ -365,24 +396,25 @@ def run(args: argparse.Namespace) -> dict:
                 loaders.append(spec)
             else:
                 unavailable[spec] = why
-                print(f"loader {spec}: unavailable ({why})")
+                say(f"loader {spec}: unavailable ({why})")
     config = {k: getattr(args, k) for k in ("arch", "image_size", "small_stem", "dim", "pred_dim", "amp",
                                             "channels_last", "sync_bn", "compile", "workers", "accum", "warmup",
                                             "repeats", "min_images", "min_steps", "loader_min_steps", "budget_s", "memory_ceiling",
                                             "batch_sizes", "stages", "quick", "seed", "max_spread", "remeasure",
                                             "e2e_tolerance", "time_limit_s", "reference")}
-    config.update(device=str(device), num_images=len(s.images) if s.images is not None else None,
+    config.update(device=str(device), world_size=ctx.world_size, num_images=len(s.images) if s.images is not None else None,
                   data=s.images.root if s.images is not None else None, loaders=loaders, unavailable=unavailable)
     reference = load_reference(args.reference, config) if args.reference else []
     warnings_ = [w for w in [load_warning(env["loadavg"][0] if env["loadavg"] else None, usable_cores())] if w]
-    print(f"device {env['device_name']} | torch {env['torch']} | {args.arch} {args.image_size}px | amp {args.amp} | "
-          f"channels_last {args.channels_last} | sync-bn {args.sync_bn} | workers {args.workers} | load {env['loadavg']} "
-          f"on {usable_cores()} cores", flush=True)
+    ranks = f" | {ctx.world_size} ranks ({ctx.backend})" if ctx.distributed else ""
+    say(f"device {env['device_name']} | torch {env['torch']} | {args.arch} {args.image_size}px | amp {args.amp} | "
+        f"channels_last {args.channels_last} | sync-bn {args.sync_bn} | workers {args.workers} | load {env['loadavg']} "
+        f"on {usable_cores()} cores{ranks}", flush=True)
     for w in warnings_:
-        print(w, flush=True)
-    trainer = Trainer(s) if ("model" in stages or "e2e" in stages) else None
+        say(w, flush=True)
+    trainer = Trainer(s, ctx) if ("model" in stages or "e2e" in stages) else None
     config["sync_bn_kind"] = s.sync_bn_kind
-    sweep = Sweep(args, s, trainer, out, env, config, reference, t_start)
+    sweep = Sweep(args, s, trainer, out, env, config, reference, t_start, ctx)
     # Loader-only points first; then model-only and end-to-end interleaved batch size by batch size,
     # so drifting machine speed (shared CPUs) affects the two sides of the stall share alike.
     loader_plan = [("loader", n) for n in loaders] if "loader" in stages else []
@@ -402,7 +434,9 @@ def run(args: argparse.Namespace) -> dict:
     add_stall_shares(rows, reference)
     extra = {"warnings": warnings_, "cores": usable_cores()}
     if args.profile:
-        extra["profile"] = profile_run(args, s, trainer, loaders, out)
+        extra["profile"] = profile_run(args, s, trainer, loaders, out, ctx)
+    if not ctx.is_main:
+        return {"out": out, "rows": rows, "env": env, "config": config, **extra}
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     end_warning = load_warning(env["loadavg_end"][0], usable_cores())
     if end_warning and not warnings_:
@@ -439,18 +473,20 @@ FLAG_MEANINGS = {
 }
 
 
-def profile_run(args, s: Settings, trainer: Trainer | None, loaders: list[str], out: Path) -> dict:
+def profile_run(args, s: Settings, trainer: Trainer | None, loaders: list[str], out: Path,
+                ctx: DistContext | None = None) -> dict:
     """Profile the end-to-end loop (first available loader; model-only without one) at the first
-    batch size; writes ``out/profile/{tb/, trace.json}`` and returns the trace summary."""
+    batch size; writes ``out/profile/{tb/, trace.json}`` (rank 0's) and returns the trace summary."""
     from bench.trace_summary import summarize_trace
+    ctx = ctx or DistContext(device=s.device)
     if trainer is None:
-        trainer = Trainer(s)
+        trainer = Trainer(s, ctx)
     wait, warm, active = parse_schedule(args.profile_schedule)
     stage, name = ("e2e", loaders[0]) if loaders else ("model", "synthetic")
     batch = args.batch_sizes[0]
     ps = Settings(**{**s.__dict__, "warmup": 0, "repeats": 1, "min_images": 0, "min_steps": wait + warm + active + 1,
                      "budget_s": None})
-    prof = StepProfiler(out / "profile", (wait, warm, active), s.device)
+    prof = StepProfiler(out / "profile", (wait, warm, active), s.device, enabled=ctx.is_main)
     try:
         row = run_point(stage, name, batch, ps, trainer, profiler=prof)
     finally:
@@ -463,9 +499,37 @@ def profile_run(args, s: Settings, trainer: Trainer | None, loaders: list[str], 
     return result
 
 
+def relaunch(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Run this benchmark under ``torchrun --standalone --nproc-per-node=args.nproc`` and return rank 0's
+    results (read from ``--out``, which is fixed here when not given)."""
+    import json
+    import subprocess
+    out = args.out or str(Path("bench/results") / time.strftime("%Y%m%d-%H%M%S"))
+    rest, skip = [], False
+    for a in argv:  # the workers run under torchrun already: drop --nproc (torchrun would take it as its own)
+        if skip or a == "--nproc" or a.startswith("--nproc="):
+            skip = a == "--nproc"
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           str(Path(__file__).resolve()), *rest, *([] if args.out else ["--out", out])]
+    print(" ".join(cmd[1:]), flush=True)
+    res = subprocess.run(cmd)
+    if res.returncode != 0:
+        raise RuntimeError(f"torchrun with {args.nproc} processes failed (exit {res.returncode}); see its output above")
+    data = json.loads((Path(out) / "throughput.json").read_text())
+    return {"out": Path(out), "rows": data["results"], "env": data["env"], "config": data["config"]}
+
+
 def main(argv=None) -> dict:
-    """Entry point: parse ``argv`` and :func:`run` (repeated warnings shown once)."""
+    """Entry point: parse ``argv`` and :func:`run` (repeated warnings shown once); with ``--nproc N``
+    outside torchrun, relaunch under torchrun (:func:`relaunch`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and not launched_by_torchrun():
+        return relaunch(args, argv)
     with warnings.catch_warnings():
         warnings.filterwarnings("once")
         return run(args)

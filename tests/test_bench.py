@@ -296,3 +296,14 @@ def test_ffcv_colour_stage_leaves_the_decoding_threads_their_cores():
     cores = len(os.sched_getaffinity(0))
     assert colour_threads_for(torch.device("cpu"), cores) == 1  # FFCV's threads take every core: one is left
     assert colour_threads_for(torch.device("cpu"), 1) == max(1, min(n, cores - 1))
+
+
+def test_nproc_2_runs_under_torchrun_and_sums_images_per_s_over_ranks(photo_folder, tmp_path):
+    res = throughput.main(["--quick", "--nproc", "2", "--stages", "loader,model", "--loaders", "torch",
+                           "--batch-sizes", "4", "--num-images", "16", "--data", str(photo_folder),
+                           "--out", str(tmp_path / "b")])
+    assert res["config"]["world_size"] == 2
+    rows = {r["stage"]: r for r in res["rows"]}
+    assert rows["model"]["status"] == rows["loader"]["status"] == "ok"
+    assert rows["model"]["ranks"] == rows["loader"]["ranks"] == 2  # each rank measured; images/s summed
+    assert rows["loader"]["images_per_s"] > 0 and rows["model"]["images_per_s"] > 0
