@@ -20,6 +20,8 @@ class SyntheticLoader:
         device: the training device.
         channels_last, dtype: memory format and dtype of the views.
         num_classes: labels are drawn uniformly from ``[0, num_classes)``.
+        rank, world_size: this rank draws its own views (seeded with the rank); ``num_samples`` is
+            already this rank's share.
 
     Raises:
         ValueError: batch size larger than ``num_samples``.
@@ -27,11 +29,12 @@ class SyntheticLoader:
 
     def __init__(self, num_samples: int, batch_size: int, size: int, device: torch.device | str = "cpu",
                  channels_last: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0,
-                 num_classes: int = 10, pool: int = 4):
+                 num_classes: int = 10, pool: int = 4, rank: int = 0, world_size: int = 1):
         self._len = check_batch_size(batch_size, num_samples, "the synthetic data set")
         self.num_samples, self.batch_size, self.size = num_samples, batch_size, size
         self.device, self.channels_last, self.dtype = torch.device(device), channels_last, dtype
         self.seed, self.num_classes, self.pool = seed, num_classes, max(1, min(pool, self._len))
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -46,7 +49,7 @@ class SyntheticLoader:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def __iter__(self):
-        g = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch))
+        g = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
         batches = [TwoViewBatch(self._make(g), self._make(g),
                                 torch.randint(self.num_classes, (self.batch_size,), generator=g, device=self.device))
                    for _ in range(self.pool)]
