@@ -177,7 +177,7 @@ def test_cuda_matches_cpu_rates():
 
 def test_real_photo_batch(photo_dir):
     """Real photos pass through; greyed samples have equal channels, others keep their colour."""
-    imgs = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB").resize((64, 64)))).permute(2, 0, 1)
+    imgs = [torch.from_numpy(np.array(Image.open(f).convert("RGB").resize((64, 64)))).permute(2, 0, 1)
             for f in sorted(photo_dir.glob("imagenet_*.jpg"))]
     x = torch.stack(imgs)
     stage = GpuAugment(AUG, normalize=False)
