@@ -195,7 +195,7 @@ def train_epoch(backbone, head, batches, optimizer, precision, from_images: bool
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        n = torch.tensor([float(len(y))], device=logits.device)
+        n = torch.full((1,), float(len(y)), device=logits.device)  # a fill, not a host-to-device copy
         step = torch.cat([loss.detach().view(1) * n, topk_correct(logits.detach(), y, (1,)), n])
         sums = step if sums is None else sums + step
     return sums
@@ -204,8 +204,7 @@ def train_epoch(backbone, head, batches, optimizer, precision, from_images: bool
 @torch.no_grad()
 def evaluate(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, ctx: DistContext) -> tuple[float, float]:
     """Val top-1 and top-5 (percent) over every rank's slice of the cached val features."""
-    counts = torch.cat([topk_correct(head(feats), labels, (1, 5)),
-                        torch.tensor([float(len(labels))], device=feats.device)])
+    counts = torch.cat([topk_correct(head(feats), labels, (1, 5)), torch.full((1,), float(len(labels)), device=feats.device)])
     top1, top5, n = ctx.all_reduce(counts).tolist()
     return 100.0 * top1 / n, 100.0 * top5 / n
 

@@ -1,7 +1,9 @@
 """Linear evaluation: LARS against a hand computation, loading any checkpoint, the frozen backbone."""
+import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,10 +11,13 @@ from torch import nn
 
 import linear_eval
 import train
+from host_reads import count_host_reads
 from model.backbones import backbone_state_dict, build_backbone
 from model.checkpoint import CheckpointError
+from model.distributed import DistContext
 from model.frozen import BackboneChanged, check_unchanged, infer_arch, load_pretrained
 from model.lars import LARS
+from model.precision import Precision
 
 TINY = ["--image-size", "8", "--small-stem", "--dim", "128", "--pred-dim", "32", "-b", "50", "--no-progress", "-j", "0"]
 
@@ -50,6 +55,19 @@ def test_lars_group_without_adaptation_is_plain_sgd():
     assert torch.allclose(w, torch.full((3, 2), 1 - 0.1 * trust * (2.0 + 0.5)))
     with pytest.raises(ValueError, match="lr must be >= 0"):
         LARS([w], lr=-1)
+
+
+def test_classifier_epoch_makes_no_host_reads():
+    # the hot path (forward, loss, LARS step, running sums) never waits for the device
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(256, 32, generator=g), torch.randint(0, 10, (256,), generator=g)
+    head = linear_eval.linear_head(32, 10, seed=0)
+    opt = LARS(head.parameters(), lr=1.0)
+    batches = linear_eval.FeatureBatches(feats, labels, 64, seed=0, ctx=DistContext())
+    with count_host_reads() as counts:
+        sums = linear_eval.train_epoch(None, head, batches, opt, Precision("off", torch.device("cpu")), False)
+    assert sum(counts.values()) == 0, counts
+    assert sums[2].item() == 256 and 0 <= sums[1].item() <= 256
 
 
 @pytest.mark.parametrize("arch,small", [("resnet18", True), ("resnet34", False), ("resnet50", False)])
@@ -167,3 +185,21 @@ def test_user_mistakes_give_one_line(fmnist_slice, random_backbone, tmp_path):
     assert res.returncode != 0 and "nodata does not exist" in res.stderr and "Traceback" not in res.stderr
     res = cli(str(random_backbone), "--data", str(fmnist_slice), "--image-size", "8", "-j", "0")  # batch 4096 > 300
     assert res.returncode != 0 and "batch size 4096 is larger" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_two_processes_under_torchrun_match_one(fmnist_slice, random_backbone, tmp_path):
+    # the global batch is split over 2 ranks and the DDP head averages their gradients: the same
+    # classifier as one process with the same global batch, up to float rounding
+    common = [str(random_backbone), "--data", str(fmnist_slice), "--image-size", "8", "--cache-features",
+              "--optimizer", "sgd", "--lr", "1", "-b", "60", "--epochs", "3", "-j", "0", "--device", "cpu"]
+    one = linear_eval.main(common + ["--out", str(tmp_path / "one")])
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    res = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "linear_eval.py", *common,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("epoch 3/3") == 1  # only rank 0 prints
+    two = json.loads((tmp_path / "two" / "linear_eval.json").read_text())
+    a = torch.load(tmp_path / "one" / "linear_checkpoint.pth", weights_only=True)["head"]
+    b = torch.load(tmp_path / "two" / "linear_checkpoint.pth", weights_only=True)["head"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert [h["val_top1"] for h in two["history"]] == pytest.approx([h["val_top1"] for h in one["history"]], abs=0.34)
