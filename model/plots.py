@@ -38,12 +38,13 @@ def _x(curve, per_epoch: float | None) -> list[float]:
     return [row[0] / per_epoch for row in curve] if per_epoch else [row[0] for row in curve]
 
 
-def _z_std_panel(ax, dim: int | None) -> None:
+def _z_std_panel(ax, dim: int | None, legend_all: bool = True) -> None:
     ax.set_ylim(bottom=0)
     if dim:
-        ax.axhline(1 / math.sqrt(dim), ls="--", c="0.4", lw=0.9, label=f"1/√dim = {1 / math.sqrt(dim):.4f} (healthy)")
+        ref = ax.axhline(1 / math.sqrt(dim), ls="--", c="0.4", lw=0.9,
+                         label=f"1/√dim = {1 / math.sqrt(dim):.4f} (healthy)")
         ax.set_ylim(top=max(ax.get_ylim()[1], 1.15 / math.sqrt(dim)))
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="lower left", **({} if legend_all else {"handles": [ref]}))
     ax.set_title("z-std (collapse → 0)")
 
 
@@ -114,25 +115,34 @@ def study_figure(runs: dict[str, dict], dim: int | None = None):
     """A figure comparing variants: loss and z-std per step, kNN top-1 per epoch, one line each.
 
     Args:
-        runs: ``{name: {"history": [...], "curve": [[step, loss, z_std], ...], "warning_step": int | None}}``.
+        runs: ``{name: {"history": [...], "curve": [[step, loss, z_std], ...], "warning_step": int | None,
+            "similarity": "cosine" | "cross-entropy"}}``; cross-entropy losses (≈ log dim, not in
+            [−1, 1]) go on a right-hand axis, dashed.
         dim: projector width shared by the runs (1/√dim reference).
     """
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ce_axis = None
     for i, (name, run) in enumerate(runs.items()):
         colour = f"C{i % 10}"
         history, curve = run["history"], run["curve"]
         per_epoch = steps_per_epoch(curve, max((h["epoch"] for h in history), default=0))
         if curve:
             x = _x(curve, per_epoch)
-            axes[0].plot(x, [r[1] for r in curve], lw=0.7, c=colour, label=name)
+            if run.get("similarity", "cosine") == "cosine":
+                axes[0].plot(x, [r[1] for r in curve], lw=0.7, c=colour, label=name)
+            else:
+                ce_axis = ce_axis or axes[0].twinx()
+                ce_axis.plot(x, [r[1] for r in curve], lw=0.7, c=colour, ls="--", label=name)
             axes[1].plot(x, [r[2] for r in curve], lw=0.7, c=colour, label=name)
         if run.get("warning_step") is not None and per_epoch:
             axes[1].plot([run["warning_step"] / per_epoch], [0], marker="v", c=colour, ms=7, clip_on=False)
         evals = [h for h in history if "knn_top1" in h]
         axes[2].plot([h["epoch"] for h in evals], [h["knn_top1"] for h in evals], marker="o", ms=3, c=colour, label=name)
     axes[0].set_title("loss (cosine: −1 = both views agree)")
-    _z_std_panel(axes[1], dim)
+    if ce_axis is not None:
+        ce_axis.set_ylabel("cross-entropy loss (dashed)", fontsize=8)
+    _z_std_panel(axes[1], dim, legend_all=False)  # the variants are named in the figure's legend
     axes[1].set_title("z-std (collapse → 0; ▼ = collapse warning)")
     axes[2].set_title("kNN top-1 on val (%)")
     for ax in axes:
