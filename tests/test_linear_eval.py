@@ -203,3 +203,11 @@ def test_two_processes_under_torchrun_match_one(fmnist_slice, random_backbone, t
     b = torch.load(tmp_path / "two" / "linear_checkpoint.pth", weights_only=True)["head"]
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert [h["val_top1"] for h in two["history"]] == pytest.approx([h["val_top1"] for h in one["history"]], abs=0.34)
+
+
+def test_dali_loader_feeds_the_classifier(fmnist_slice, random_backbone, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    summary = linear_eval.main([str(random_backbone), "--data", str(fmnist_slice), "--image-size", "8", "--loader", "dali",
+                                "--optimizer", "sgd", "--lr", "1", "-b", "60", "--epochs", "1", "-j", "1",
+                                "--out", str(tmp_path / "le")])
+    assert summary["history"][0]["epoch"] == 1 and math.isfinite(summary["history"][0]["train_loss"])
