@@ -150,7 +150,12 @@ def noise_points(accuracy: float, queries: int) -> float:
 
 def verdict(key: str, m: dict, default: dict | None, chance: float, noise: float) -> tuple[str, str]:
     """``(status, sentence)``: did the paper's expectation hold in this run? status is ``held``,
-    ``partly``, ``not held`` or ``within noise`` (a kNN difference under ``noise`` points)."""
+    ``partly``, ``not held`` or ``within noise`` (a kNN difference under ``noise`` points).
+
+    Collapse = the collapse warning fired; "near chance" = final kNN within 10 points of ``chance``;
+    "does not learn" = under half the default's kNN gain over the random init; "learns" = over half
+    of it without a collapse warning; "a bit worse" = below the default by more than ``noise``.
+    """
     gain = m["knn_final"] - m["knn_init"]
     collapse = m["warning_step"] is not None  # model.collapse's criterion on the recorded curve
     facts = (f"loss {m['final_loss']:+.3f}, z-std {m['z_std_ratio']:.2f}/√dim, "
@@ -196,7 +201,7 @@ def write_outputs(rows: list[dict], out: Path, dim: int | None, header: str) -> 
     for r in rows:
         m = r["measured"]
         lines.append("| " + " | ".join([
-            r["name"], " ".join(r["flags"]) or "—", f"{r['expectation']} ({r['source']})",
+            r["name"], f"`{' '.join(r['flags'])}`" if r["flags"] else "—", f"{r['expectation']} ({r['source']})",
             f"{m['final_loss']:+.3f}", f"{m['z_std_ratio']:.2f}",
             f"step {m['warning_step']}" if m["warning_step"] is not None else "none",
             f"{m['knn_init']:.1f}% → {m['knn_final']:.1f}%", f"**{r['status']}**: {r['why']}",
