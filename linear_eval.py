@@ -92,6 +92,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def linear_recipe(size: int) -> AugmentConfig:
+    """The official linear-classification train augmentation as the loaders' recipe:
+    RandomResizedCrop(size) with torchvision's default area (0.08, 1) and aspect (3/4, 4/3), horizontal
+    flip p = 0.5, ImageNet normalisation; no colour jitter, grey or blur."""
+    return AugmentConfig(size=size, crop_scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+
+
 def cosine_lr(init_lr: float, epoch: int, epochs: int) -> float:
     """The official ``adjust_learning_rate``: ``init_lr · ½(1 + cos(π · epoch / epochs))``, per epoch."""
     return init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
@@ -329,13 +336,6 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict:
                 f"{history[-1]['epoch']} epochs (best top-1 {best:.2f}%); {summary['minutes']:.1f} min; "
                 f"{out}/linear_eval.json, {out}/linear_checkpoint.pth, TensorBoard {out}/tb")
     return summary
-
-
-def linear_recipe(size: int) -> AugmentConfig:
-    """The official linear-classification train augmentation as the loaders' recipe:
-    RandomResizedCrop(size) with torchvision's default area (0.08, 1) and aspect (3/4, 4/3), horizontal
-    flip p = 0.5, ImageNet normalisation; no colour jitter, grey or blur."""
-    return AugmentConfig(size=size, crop_scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 
 
 if __name__ == "__main__":
