@@ -12,7 +12,7 @@ setup(
     description="SimSiam self-supervised pre-training with fast DALI / FFCV / torch two-view pipelines",
     python_requires=">=3.10",
     packages=find_packages(include=["pipeline", "pipeline.*", "model", "model.*", "bench", "bench.*"]),
-    py_modules=["train"],
+    py_modules=["train", "linear_eval", "knn_eval"],
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

@@ -95,3 +95,20 @@ def linear_probe_top1(train: torch.Tensor, train_labels: torch.Tensor, test: tor
         opt.step(closure)
     with torch.no_grad():
         return 100.0 * (head(xt).argmax(1) == test_labels).float().mean().item()
+
+
+@torch.no_grad()
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """How many rows have their label among the ``k`` highest logits, for each ``k`` in ``ks``.
+
+    Args:
+        logits: ``(B, C)`` float scores; ``labels``: ``(B,)`` int64 class indices.
+        ks: the ``k`` values; a ``k`` larger than ``C`` counts every row (as top-C).
+
+    Returns:
+        ``(len(ks),)`` float32 counts on ``logits``' device (no host read: sum them across batches
+        and read once).
+    """
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == labels.view(-1, 1)
+    return torch.stack([hit[:, :k].any(dim=1).sum() for k in ks]).float()

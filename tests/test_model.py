@@ -103,3 +103,20 @@ def test_z_std_metric():
     assert z_std(healthy).item() == pytest.approx(1 / math.sqrt(dim), rel=0.05)
     collapsed = torch.ones(4096, dim) + 1e-4 * torch.randn(4096, dim)
     assert z_std(collapsed).item() < collapse_threshold(dim)
+
+
+@pytest.mark.parametrize("arch,small", [("resnet18", False), ("resnet18", True), ("resnet34", False),
+                                        ("resnet50", False)])
+def test_exported_backbone_loads_strictly_into_torchvision(arch, small):
+    # issue 10 item 7: drop the fc (and, for the small stem, swap conv1 and maxpool) and strict=True loads
+    torch.manual_seed(0)
+    model = SimSiam(arch, dim=64, pred_dim=16, small_image=small)
+    net = getattr(torchvision.models, arch)()
+    net.fc = torch.nn.Identity()
+    if small:
+        net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = torch.nn.Identity()
+    net.load_state_dict(backbone_state_dict(model.backbone), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    model.backbone.eval(), net.eval()
+    assert torch.equal(net(x), model.backbone(x))
