@@ -34,9 +34,12 @@ from model.checkpoint import CheckpointError, load_checkpoint, load_latest, save
 from model.distributed import DistContext, destroy, init_from_env
 from model.evaluate import extract_features, knn_top1, linear_probe_top1
 from model.interrupt import GracefulStop, TrainingInterrupted
-from model.loss import SIMILARITIES, SimSiamLoss, collapse_threshold
+from model.collapse import CollapseDetector
+from model.loss import SIMILARITIES, SimSiamLoss
 from model.precision import AMP_MODES, Precision
+from model.plots import plot_run
 from model.profiling import DEFAULT_SCHEDULE, StepProfiler, parse_schedule
+from model.run_log import RunLog
 from model.simsiam import PREDICTORS
 from model.step import StatsReadback, train_step
 from model.training import build_simsiam, recipe_sgd
@@ -386,8 +389,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
             "args": {**vars(args), "world_size": ctx.world_size}}, out)
 
     # 7. Train: read scalars back every --log-every steps; stop cleanly on SIGTERM/SIGINT.
-    threshold = collapse_threshold(args.dim)
-    collapse_warned = False
+    log = RunLog(curve, CollapseDetector(args.dim, args.similarity), writer,
+                 tqdm.write if ctx.is_main else (lambda *a, **k: None))
     save_unit, save_every = args.save_every or (None, None)
     last_save_time, last_save_step = time.time(), scheduler.last_epoch
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
@@ -398,9 +401,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
     with GracefulStop(announce=ctx.is_main) as stop:
         for epoch in range(start_epoch, last_epoch):
             first = start_step if epoch == start_epoch else 0
-            totals = dict(partial) if first else {}
-            for k in ("loss_sum", "z_std_sum", "steps", "nonfinite", "images", "seconds"):
-                totals.setdefault(k, 0.0)
+            log.start_epoch(partial if first else None)
             loader.set_epoch(epoch, start=first * args.accum)
             bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step",
                        disable=not show_bar, dynamic_ncols=True)
@@ -412,65 +413,42 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
                     scheduler.step()
                     profiler.step()
                     bar.update(1)
-                    global_step = scheduler.last_epoch
-                    readback.add(global_step, stats)
+                    readback.add(scheduler.last_epoch, stats)
                     seen += stats.images * ctx.world_size
+                    last = step == steps_per_epoch - 1
                     halt = stop.requested and not ctx.distributed  # one process: stop at once
-                    if len(readback) >= args.log_every or step == steps_per_epoch - 1 or halt:
-                        rows, (agreed_stop,) = readback.read((stop.requested,))
-                        halt = halt or agreed_stop
-                        now = time.time()
-                        ips = seen / max(now - t0, 1e-9)
-                        for s, loss, z, bad in rows:
-                            if bad:
-                                totals["nonfinite"] += 1
-                                say(f"warning: non-finite loss at step {s}: the update was skipped")
-                                continue
-                            totals["loss_sum"] += loss
-                            totals["z_std_sum"] += z
-                            totals["steps"] += 1
-                            curve.append([s, loss, z])
-                            if writer:
-                                writer.add_scalar("train/loss", loss, s)
-                                writer.add_scalar("train/z_std", z, s)
-                            if z < threshold and not collapse_warned:
-                                collapse_warned = True
-                                say(f"warning: z-std {z:.5f} < {threshold:.5f} (0.1/sqrt(dim)) at step {s}: "
-                                    f"the output is collapsing")
-                        if rows and writer:
-                            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
-                            writer.add_scalar("train/images_per_s", ips, global_step)
-                        if rows and not math.isnan(rows[-1][1]):
-                            bar.set_postfix(loss=f"{rows[-1][1]:.3f}", z_std=f"{rows[-1][2]:.4f}", img_s=f"{ips:.0f}")
-                        due = save_unit is not None and (
-                            (save_unit == "steps" and global_step - last_save_step >= save_every)
-                            or (save_unit == "seconds" and now - last_save_time >= save_every))
-                        if (halt or due) and step < steps_per_epoch - 1:
-                            snapshot = {**totals, "images": totals["images"] + seen,
-                                        "seconds": totals["seconds"] + now - t0}
-                            if ctx.is_main:
-                                path = checkpoint(epoch, step + 1, snapshot)
-                                if not halt:
-                                    bar.write(f"checkpoint: {path} (epoch {epoch + 1}, step {step + 1})")
-                            last_save_time, last_save_step = now, global_step
-                        if halt:
-                            halted = True
-                            break
+                    if not (len(readback) >= args.log_every or last or halt):
+                        continue
+                    rows, (agreed_stop,) = readback.read((stop.requested,))  # the loop's one host sync
+                    halt = halt or agreed_stop
+                    now = time.time()
+                    ips = seen / max(now - t0, 1e-9)
+                    log.add(rows, optimizer.param_groups[0]["lr"], ips)
+                    if rows and not math.isnan(rows[-1][1]):
+                        bar.set_postfix(loss=f"{rows[-1][1]:.3f}", z_std=f"{rows[-1][2]:.4f}", img_s=f"{ips:.0f}")
+                    due = save_unit is not None and (
+                        (save_unit == "steps" and scheduler.last_epoch - last_save_step >= save_every)
+                        or (save_unit == "seconds" and now - last_save_time >= save_every))
+                    if (halt or due) and not last:
+                        if ctx.is_main:
+                            path = checkpoint(epoch, step + 1, log.snapshot(seen, now - t0))
+                            if not halt:
+                                bar.write(f"checkpoint: {path} (epoch {epoch + 1}, step {step + 1})")
+                        last_save_time, last_save_step = now, scheduler.last_epoch
+                    if halt:
+                        halted = True
+                        break
             finally:
                 bar.close()
                 close = getattr(batches, "close", None)
                 if close is not None:
                     close()
-            totals["images"] += seen
-            totals["seconds"] += time.time() - t0
+            seconds = time.time() - t0
             resume_hint = f"resume: the same command with --resume auto --out {out} (or --resume {out / 'checkpoint.pth'})"
             if halted and step < steps_per_epoch - 1:
                 raise TrainingInterrupted(f"stopped by {stop.name} at epoch {epoch + 1}, step {step + 1}/"
                                           f"{steps_per_epoch}; checkpoint written; {resume_hint}", 128 + stop.signum)
-            record = {"epoch": epoch + 1, "loss": totals["loss_sum"] / max(1, totals["steps"]),
-                      "z_std": totals["z_std_sum"] / max(1, totals["steps"]),
-                      "images_per_s": totals["images"] / max(totals["seconds"], 1e-9),
-                      "skipped_steps": int(totals["nonfinite"])}
+            record = log.record(epoch + 1, seen, seconds)
             record.update(evaluate(model, bank, queries, args, ctx, precision))
             history.append(record)
             say(epoch_line(record, args, time.time() - started))
@@ -492,7 +470,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
     if ctx.is_main:
         writer.close()
         (out / "history.json").write_text(json.dumps(history, indent=1))
-        plot_run(history, curve, out / "curves.png")
+        plot_run(history, curve, out / "curves.png", args.dim, steps_per_epoch, log.detector.fired_at)
         print_summary(summary, args)
     return summary
 
@@ -507,32 +485,6 @@ def epoch_line(record: dict, args, elapsed_s: float) -> str:
         parts.append(f"{record['skipped_steps']} non-finite step(s) skipped")
     parts.append(f"({elapsed_s / 60:.1f} min)")
     return "  ".join(parts)
-def plot_run(history: list[dict], curve: list[list[float]], path: Path) -> None:
-    """PNG of the run: loss and z-std per step, kNN / probe top-1 per epoch (0 = random init)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    if curve:
-        steps, loss, std = zip(*curve)
-        axes[0].plot(steps, loss, lw=0.8)
-        axes[1].plot(steps, std, lw=0.8)
-    axes[0].set(title="loss (−1 = identical directions)", xlabel="step")
-    axes[1].set(title="z-std (collapse → 0)", xlabel="step")
-    evals = [h for h in history if "knn_top1" in h]
-    for key, label in (("knn_top1", "kNN top-1"), ("probe_top1", "linear probe top-1")):
-        axes[2].plot([h["epoch"] for h in evals], [h[key] for h in evals], marker="o", label=label)
-    if evals and "pixels_knn_top1" in evals[0]:
-        axes[2].axhline(evals[0]["pixels_knn_top1"], ls="--", c="C0", lw=0.8, label="kNN on raw pixels")
-        axes[2].axhline(evals[0]["pixels_probe_top1"], ls="--", c="C1", lw=0.8, label="probe on raw pixels")
-    axes[2].set(title="val accuracy (%)", xlabel="epoch (0 = random init)")
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def print_summary(summary: dict, args) -> None:
     history, out = summary["history"], summary["out"]
     print(f"\n== SimSiam {args.arch}, {args.image_size} px, batch {args.batch_size}, loader {args.loader}: "

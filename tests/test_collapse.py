@@ -30,8 +30,8 @@ def record(batches, stop_gradient=True, predictor="learned", steps=40):
     curve = []
     for i in range(steps):
         b = batches[i % len(batches)]
-        r = train_step(model, crit, b.view1, b.view2, opt, precision)
-        curve.append([i + 1, r.loss, r.z_std])
+        r = train_step(model, crit, iter([b]), opt, precision)
+        curve.append([i + 1, r.loss.item(), r.z_std.item()])
     return curve
 
 
