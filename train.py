@@ -119,14 +119,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     o.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-4, help="SGD weight decay")
     o.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the predictor lr constant (paper §4.4)")
+                   help="keep the predictor lr constant (paper §4.2, Tab. 1c)")
     o.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear lr warm-up (default: 10 epochs for batch >= 1024 (paper Tab. 2), capped at half the run; else 0)")
     a = p.add_argument_group("ablations (paper §4)")
     a.add_argument("--stop-grad", action=argparse.BooleanOptionalAction, default=True, help="stop-gradient on z")
     a.add_argument("--predictor", choices=PREDICTORS, default="learned", help="predictor MLP (Tab. 1)")
-    a.add_argument("--similarity", choices=SIMILARITIES, default="cosine", help="similarity in the loss (§4.6)")
-    a.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True, help="symmetrised loss (Tab. 4)")
+    a.add_argument("--similarity", choices=SIMILARITIES, default="cosine", help="similarity in the loss (§4.5, Tab. 4)")
+    a.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True, help="symmetrised loss (§4.6, Tab. 5)")
     f = p.add_argument_group("performance")
     f.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     f.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,

@@ -16,7 +16,7 @@ the median over a window of readbacks (robust to single noisy steps) and fires o
 * **cosine** similarity: median z-std < ``std_ratio`` (0.65) × 1/√dim **and** median loss <
   ``loss_level`` (−0.7): the output has lost diversity while the two views agree closely — the
   paper's collapse signature;
-* **cross-entropy** similarity (§4.6): the loss has no fixed floor (its minimum is the entropy of
+* **cross-entropy** similarity (§4.5): the loss has no fixed floor (its minimum is the entropy of
   ``softmax(z)``), so only z-std is read, with the stricter ``0.5 × std_ratio`` (0.325) × 1/√dim;
 * either similarity: median z-std < 0.1 × 1/√dim (a complete collapse) fires whatever the loss.
 """

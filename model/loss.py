@@ -1,8 +1,8 @@
 """SimSiam loss, its ablations, and the collapse metric.
 
 Source: Chen & He, CVPR 2021. Eq. (1)-(2): ``D(p, z) = -<p/||p||, z/||z||>``,
-``L = D(p1, sg(z2))/2 + D(p2, sg(z1))/2`` with ``sg`` the stop-gradient. §4.6: a cross-entropy
-similarity ``D(p, z) = -softmax(z) · log softmax(p)``. Tab. 4 ("asym."): only ``D(p1, sg(z2))``.
+``L = D(p1, sg(z2))/2 + D(p2, sg(z1))/2`` with ``sg`` the stop-gradient. §4.5 (Tab. 4): a cross-entropy
+similarity ``D(p, z) = -softmax(z) · log softmax(p)``. §4.6 (Tab. 5, "asym."): only ``D(p1, sg(z2))``.
 §4.1 / Fig. 2: the std of the ℓ2-normalised output per channel, averaged over channels, is about
 ``1/sqrt(dim)`` when healthy and goes to 0 when the output collapses.
 """
@@ -28,7 +28,7 @@ class SimSiamLoss(nn.Module):
 
     Args:
         stop_gradient: detach ``z`` (the paper's method); ``False`` is the collapse ablation.
-        similarity: ``cosine`` (default, range [-1, 1]) or ``cross-entropy`` (§4.6).
+        similarity: ``cosine`` (default, range [-1, 1]) or ``cross-entropy`` (§4.5).
         symmetric: average both directions (default) or use only ``D(p1, z2)``.
 
     Call with ``p1, p2, z1, z2`` of shape ``(B, dim)``, any float dtype (autocast outputs are cast

@@ -108,7 +108,7 @@ class SimSiam(nn.Module):
         """SGD parameter groups: encoder (backbone + projector), then predictor.
 
         With ``fix_pred_lr`` the predictor group is tagged ``fix_lr=True`` so the schedule keeps its
-        lr constant (paper §4.4 / official ``--fix-pred-lr``). Frozen parameters are left out.
+        lr constant (paper §4.2, Tab. 1c / official ``--fix-pred-lr``). Frozen parameters are left out.
         """
         enc = [p for m in (self.backbone, self.projector) for p in m.parameters() if p.requires_grad]
         pred = [p for p in self.predictor.parameters() if p.requires_grad]

@@ -63,7 +63,7 @@ def build_simsiam(ctx: DistContext, arch: str = "resnet50", dim: int = 2048, pre
 def recipe_sgd(model: SimSiam, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
                fix_pred_lr: bool = True) -> torch.optim.SGD:
     """SimSiam's SGD (paper §4, official ``main_simsiam.py``): encoder and predictor groups, the
-    predictor's tagged ``fix_lr`` (paper §4.4), ``lr`` already scaled by the global batch.
+    predictor's tagged ``fix_lr`` (paper §4.2, Tab. 1c), ``lr`` already scaled by the global batch.
 
     ``fused=True`` (torch SGD docs): one kernel per step, and it lets the GradScaler skip a
     non-finite step on the device, without a host read.
