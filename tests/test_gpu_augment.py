@@ -148,9 +148,9 @@ def test_normalises_with_recipe_statistics():
 
 
 def test_steady_state_makes_no_host_reads():
-    """20 calls of the whole stage (jitter in random order, grey, blur, flip, normalise) read
-    nothing back from the device: per-sample choices are masks, not index gathers."""
-    stage = GpuAugment(AUG, flip=True)
+    """20 calls of the whole stage as it runs on CUDA (jitter in random order, grey, blur, flip,
+    normalise) read nothing back from the device: per-sample choices are masks, not index gathers."""
+    stage = GpuAugment(AUG, flip=True, selection="masks")
     x = probe().expand(16, -1, -1, -1)
     g = torch.Generator().manual_seed(0)
     stage(x, generator=g)  # first call: per-device constants are made
@@ -158,6 +158,20 @@ def test_steady_state_makes_no_host_reads():
         for _ in range(20):
             stage(x, generator=g)
     assert sum(counts.values()) == 0, dict(counts)
+
+
+def test_gather_and_masks_agree(photo_dir):
+    """The CPU's selection (each op on the samples that draw it) and CUDA's (every op on every
+    sample, blended by mask) give the same views for the same parameters, on real photos."""
+    imgs = [torch.from_numpy(np.array(Image.open(f).convert("RGB").resize((48, 48)))).permute(2, 0, 1)
+            for f in sorted(photo_dir.glob("*.jpg"))]
+    x = torch.stack(imgs * 3)
+    stages = {sel: GpuAugment(AUG, flip=True, selection=sel) for sel in ("gather", "masks")}
+    p = stages["gather"].sample_params(len(x), generator=torch.Generator().manual_seed(9))
+    assert 0 < int(p["jitter"].sum()) < len(x) and 0 < int(p["blur"].sum()) < len(x)
+    torch.testing.assert_close(stages["gather"].apply(x, p), stages["masks"].apply(x, p), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="selection"):
+        GpuAugment(AUG, selection="loop")
 
 
 def test_rejects_wrong_shape():
