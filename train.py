@@ -485,6 +485,8 @@ def epoch_line(record: dict, args, elapsed_s: float) -> str:
         parts.append(f"{record['skipped_steps']} non-finite step(s) skipped")
     parts.append(f"({elapsed_s / 60:.1f} min)")
     return "  ".join(parts)
+
+
 def print_summary(summary: dict, args) -> None:
     history, out = summary["history"], summary["out"]
     print(f"\n== SimSiam {args.arch}, {args.image_size} px, batch {args.batch_size}, loader {args.loader}: "
