@@ -311,13 +311,13 @@ class FfcvLoader:
                     self._compiled = True
                     print(f"FFCV pipeline compiled in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
                 g.manual_seed(epoch_seed(self.seed, epoch, self.rank, index))  # host-side: no GPU sync
-                views = []
-                for v in (image, image2):
-                    if self.colour_threads is not None:  # CPU: leave FFCV's decoding threads their cores
-                        torch.set_num_threads(self.colour_threads)
-                    v = self.colour(v.to(self.device, non_blocking=True), generator=g)  # new tensor: FFCV reuses its buffers
+                if self.colour_threads is not None:  # CPU: leave FFCV's decoding threads their cores
+                    torch.set_num_threads(self.colour_threads)
+                # the colour stage returns new tensors: FFCV reuses its buffers
+                views = [self.colour(v.to(self.device, non_blocking=True), generator=g) for v in (image, image2)]
+                if self.colour_threads is not None:
                     torch.set_num_threads(threads)
-                    views.append(to_training_layout(v, self.device, self.channels_last, self.dtype))
+                views = [to_training_layout(v, self.device, self.channels_last, self.dtype) for v in views]
                 # labels: a host copy first (FFCV reuses its pinned buffer), then a non-blocking upload
                 # from pageable memory, which CUDA stages at once without waiting for the device
                 label = label.reshape(-1).to(torch.int64, copy=True).to(self.device, non_blocking=True)
