@@ -130,6 +130,37 @@ def launched_by_torchrun() -> bool:
     return all(v in os.environ for v in TORCHRUN_VARS)
 
 
+def attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The key-value store for this attempt's process group: torch's own ``env://`` rendezvous, with
+    its keys under ``attempt<TORCHELASTIC_RESTART_COUNT>/`` when the store is the elastic agent's.
+
+    Since torch 2.5 the c10d rendezvous shares the agent's TCPStore with the workers
+    (``TORCHELASTIC_USE_AGENT_STORE=True``), and that store outlives a restart. The backends write
+    their peers' addresses under the same key names in every attempt, so after a restart a fast rank
+    can read a dead peer's address: gloo then fails with "connectFullMesh failed ... Connection
+    refused", NCCL with a stale unique id (pytorch/pytorch#135712, #167288). Seen here in CI with
+    2 gloo ranks and ``--max-restarts=1``, and in 4 of 6 runs of a 2-rank restart where one new
+    worker starts 3 s late (torch 2.14.1). A per-attempt prefix gives each attempt fresh keys.
+    The restart count is each node's own, so across nodes the README advises
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: without the agent's store rank 0 hosts a new store on a
+    new port each attempt and no prefix is needed.
+
+    Args:
+        rank, world_size: this process's global rank and the world size (from torchrun's environment).
+        timeout: how long to wait for the store and the peers.
+
+    Returns:
+        a ``torch.distributed.Store`` (a ``PrefixStore`` over the agent's store, or torch's own).
+
+    Raises:
+        ValueError: ``MASTER_ADDR`` / ``MASTER_PORT`` are missing (torch's rendezvous error).
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    return store
+
+
 def init_from_env(device: str = "auto", timeout_min: float = 30.0) -> DistContext:
     """Read torchrun's environment, start the process group and choose this rank's device.
 
@@ -159,7 +190,9 @@ def init_from_env(device: str = "auto", timeout_min: float = 30.0) -> DistContex
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min),
+        timeout = datetime.timedelta(minutes=timeout_min)
+        dist.init_process_group(backend, store=attempt_store(rank, world_size, timeout), rank=rank,
+                                world_size=world_size, timeout=timeout,
                                 device_id=dev if dev.type == "cuda" else None)
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, local_world_size=local_world,
                        device=dev, backend=backend, restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))

@@ -118,6 +118,15 @@ def test_killed_worker_restarts_and_ends_with_the_uninterrupted_weights(ddp_run,
         assert torch.equal(a[k], b[k]), k
 
 
+def test_every_restarted_attempt_meets_its_new_peers_not_the_dead_ones(tmp_path):
+    # torch >= 2.5 shares the elastic agent's store across restarts (pytorch/pytorch#135712): without
+    # per-attempt keys about half of such restarts failed here ("connectFullMesh ... Connection refused")
+    out = tmp_path / "attempts.txt"
+    cmd = [*TORCHRUN, "--max-restarts=3", "tests/dist/restarts.py", str(out)]
+    ok(launch(cmd, timeout=240))
+    assert out.read_text().split("\n")[:-1] == ["0 2", "1 4", "2 6", "3 8"]
+
+
 def test_global_batch_must_divide_by_world_size_times_accum():
     assert train.per_rank_batch(512, 8, 2) == 32
     with pytest.raises(ValueError, match="must divide by world size 2 x --accum 2 = 4; use 48 or 52"):
