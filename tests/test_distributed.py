@@ -120,7 +120,7 @@ def test_killed_worker_restarts_and_ends_with_the_uninterrupted_weights(ddp_run,
 
 def test_every_restarted_attempt_meets_its_new_peers_not_the_dead_ones(tmp_path):
     # torch >= 2.5 shares the elastic agent's store across restarts (pytorch/pytorch#135712): without
-    # per-attempt keys about half of such restarts failed here ("connectFullMesh ... Connection refused")
+    # per-attempt keys this test failed 3 of 3 times here ("connectFullMesh ... Connection refused")
     out = tmp_path / "attempts.txt"
     cmd = [*TORCHRUN, "--max-restarts=3", "tests/dist/restarts.py", str(out)]
     ok(launch(cmd, timeout=240))

@@ -3,7 +3,7 @@
 In every restarted attempt one new worker starts 2 s after the other (rank 1 in attempts 1 and 3,
 rank 0 in attempt 2), so the early one reaches the store first: with keys shared between attempts it
 would read its peer's address from the dead attempt (see ``model.distributed.attempt_store``).
-Each attempt all-reduces its attempt number and rank 0 appends ``attempt sum`` to argv[1].
+Each attempt all-reduces attempt + 1 over the 2 ranks; rank 0 appends ``attempt sum`` to argv[1].
 """
 import os
 import signal
