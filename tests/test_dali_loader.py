@@ -27,20 +27,7 @@ from pipeline.dali_loader import DaliDecodeError, DaliLoader  # noqa: E402
 from pipeline.imagefolder import ImageList, scan_image_folder  # noqa: E402
 from pipeline.sampling import shard_order  # noqa: E402
 from pipeline.torch_loader import TorchLoader  # noqa: E402
-
-STILL = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip_p=0.0)
-
-
-def still(size: int):
-    """The recipe with every random op switched off: a view is the whole image resized."""
-    return recipe(size).replace(**STILL)
-
-
-def to_pixels(view: torch.Tensor, aug) -> torch.Tensor:
-    """Undo the normalisation: ``(..., 3, H, W)`` → float pixels in [0, 255]."""
-    mean = torch.tensor(aug.mean).view(3, 1, 1)
-    std = torch.tensor(aug.std).view(3, 1, 1)
-    return (view.float() * std + mean) * 255
+from tests.view_probes import pixels as to_pixels, still  # noqa: E402
 
 
 def references(paths: list[str], size: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from pipeline import recipe
 from pipeline.imagefolder import ImageList, scan_image_folder, to_rgb
 from pipeline.sampling import shard_order
 from pipeline.torch_loader import TorchLoader
+from tests.view_probes import pixels
 
 SIZE, BATCH, SEED, WORLD = 32, 7, 5, 2
 STILL = recipe(SIZE).replace(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0,
@@ -116,14 +117,9 @@ def refs(images) -> torch.Tensor:
     return torch.stack(out)
 
 
-def to_pixels(view: torch.Tensor) -> torch.Tensor:
-    mean, std = torch.tensor(STILL.mean).view(3, 1, 1), torch.tensor(STILL.std).view(3, 1, 1)
-    return (view.float().cpu() * std + mean) * 255
-
-
 def identify(batches, refs: torch.Tensor) -> tuple[list[int], torch.Tensor]:
     """Nearest reference of every view1 in ``batches`` and its mean absolute distance (grey levels)."""
-    px = torch.cat([to_pixels(b.view1) for b in batches]).flatten(1)
+    px = torch.cat([pixels(b.view1, STILL) for b in batches]).flatten(1)
     dist = torch.cdist(px, refs.flatten(1)) / px.shape[1] ** 0.5
     best = dist.min(1)
     return best.indices.tolist(), (px - refs.flatten(1)[best.indices]).abs().mean(1)
