@@ -10,7 +10,6 @@ one. ``--probe`` adds the L-BFGS linear probe and ``--pixels`` scores the raw pi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -22,32 +21,36 @@ from model.checkpoint import CheckpointError
 from model.evaluate import extract_features, knn_top1, linear_probe_top1
 from model.frozen import Pretrained, load_pretrained
 from model.precision import AMP_MODES, Precision
-from pipeline import recipe
+from pipeline import recipe, sources
 from pipeline.device import resolve_device
 from pipeline.eval_data import EvalImages
-from pipeline.imagefolder import ImageList, scan_image_folder
 
 DEFAULT_DATA = "data/fashion-mnist"
 FEATURE_BATCH = 512  # the monitor's batch (train.py evaluate), so features match it bit for bit
 
 
-def open_splits(data: str | Path) -> tuple[ImageList, ImageList]:
-    """Scan ``data/train`` and ``data/val`` (the same scan and bad-file policy as the loaders).
+def open_splits(data: str | Path, val_data: str | None = None, url_template: str | None = None,
+                num_samples: int | None = None):
+    """The train and val splits of ``data`` (an ImageFolder root, or shards: see
+    :func:`pipeline.sources.open_splits`), with the loaders' scan and bad-file policy.
 
     Raises:
-        FileNotFoundError: ``data``, ``data/train`` or ``data/val`` is missing.
-        ValueError: the two splits have different class folders.
+        FileNotFoundError: ``data`` or its train split is missing, or it has no val split (and no
+            ``val_data``).
+        ValueError: the two splits have different classes; from the openers.
     """
-    data = Path(data)
-    for folder in (data, data / "train", data / "val"):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"data folder {folder} does not exist: evaluation needs {data}/train/<class>/<images> "
-                                    f"and {data}/val/<class>/<images>")
-    train, val = scan_image_folder(data / "train"), scan_image_folder(data / "val")
-    if train.classes != val.classes:
-        raise ValueError(f"{data}/train and {data}/val have different class folders "
-                         f"({len(train.classes)} vs {len(val.classes)}): labels would not match")
+    train, val = sources.open_splits(data, num_samples=num_samples, url_template=url_template, val_data=val_data)
+    if val is None:
+        raise FileNotFoundError(f"{data} has no val split: evaluation needs {data}/train/<class>/<images> and "
+                                f"{data}/val/<class>/<images>, the shards' val.json, or --val-data")
     return train, val
+
+
+def num_classes(train, val_labels: torch.Tensor) -> int:
+    """Classes of the data set: the train split's class list, or (shards without an index) the
+    largest val label + 1."""
+    classes = getattr(train, "classes", None)
+    return len(classes) if classes is not None else int(val_labels.max()) + 1
 
 
 def view_size(pretrained: Pretrained, image_size: int | None) -> int:
@@ -62,15 +65,13 @@ def view_size(pretrained: Pretrained, image_size: int | None) -> int:
     return size
 
 
-def shard(images: ImageList, start: int, stop: int) -> ImageList:
-    """The samples ``[start, stop)`` of ``images`` (a rank's slice; see ``DistContext.shard_range``)."""
-    return dataclasses.replace(images, samples=images.samples[start:stop])
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("pretrained", metavar="CKPT_OR_BACKBONE", help="checkpoint.pth or backbone_<arch>.pth written by train.py")
-    p.add_argument("--data", default=DEFAULT_DATA, help="ImageFolder root with train/ and val/")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="ImageFolder root with train/ and val/, or shards (the writer's folder, an index, a pattern)")
+    p.add_argument("--val-data", default=None, help="the val split when --data holds none (e.g. a shard pattern)")
+    p.add_argument("--shard-url", default=None, help="shards: where the index's relative names go ('{}' = the name)")
     p.add_argument("--image-size", type=int, default=None, help="view side (default: the training run's)")
     p.add_argument("--knn-k", type=int, default=200)
     p.add_argument("--knn-t", type=float, default=0.1)
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
     pretrained = load_pretrained(args.pretrained)
     size = view_size(pretrained, args.image_size)
     seed = args.seed if args.seed is not None else int(pretrained.train_args.get("seed", 0))
-    train, val = open_splits(args.data)
+    train, val = open_splits(args.data, args.val_data, args.shard_url)
     aug = recipe(size)
     bank = EvalImages(train.subset(args.subset, seed), aug, args.knn_bank, seed, args.workers)
     queries = EvalImages(val, aug, args.knn_queries, seed, args.workers)

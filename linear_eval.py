@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from knn_eval import DEFAULT_DATA, FEATURE_BATCH, open_splits, shard, view_size
+from knn_eval import DEFAULT_DATA, FEATURE_BATCH, num_classes, open_splits, view_size
 from model.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from model.distributed import DistContext, destroy, init_from_env, wrap_ddp
 from model.evaluate import extract_features, topk_correct
@@ -52,7 +52,12 @@ OPTIMIZERS = {  # optimizer: (base lr, batch); paper appendix A
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pretrained", metavar="CKPT_OR_BACKBONE", help="checkpoint.pth or backbone_<arch>.pth written by train.py")
-    p.add_argument("--data", default=DEFAULT_DATA, help=f"ImageFolder root with train/ and val/ (default {DEFAULT_DATA})")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help=f"ImageFolder root with train/ and val/ (default {DEFAULT_DATA}), or shards (the writer's "
+                        f"folder, an index, a pattern with --num-samples)")
+    p.add_argument("--val-data", default=None, help="the val split when --data holds none (e.g. a shard pattern)")
+    p.add_argument("--num-samples", type=int, default=None, help="shards given as a pattern: their total sample count")
+    p.add_argument("--shard-url", default=None, help="shards: where the index's relative names go ('{}' = the name)")
     p.add_argument("--loader", choices=("torch", "dali", "ffcv"), default="torch", help="train-split pipeline (default torch)")
     p.add_argument("-j", "--workers", type=int, default=2, help="loader workers / threads (default 2)")
     p.add_argument("--image-size", type=int, default=None, help="view side (default: the training run's)")
@@ -129,7 +134,7 @@ def features_of(backbone: nn.Module, feat_dim: int, images, aug, ctx: DistContex
     Each rank extracts its slice (``ctx.shard_range``); with ``gather`` every rank gets all ``(N, D)``
     float32 features and ``(N,)`` int64 labels in order, else only its slice; on ``ctx.device``.
     """
-    part = shard(images, *ctx.shard_range(len(images)))
+    part = images.part(ctx.rank, ctx.world_size)
     if len(part):
         data = EvalImages(part, aug, workers=workers)
         feats, labels = extract_features(backbone, data.batches(FEATURE_BATCH, ctx.device, channels_last),
@@ -249,7 +254,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict:
 
     # 2. Data: val features once; train through a loader (augmented) or cached features.
     with ctx.local_main_first():
-        train_images, val_images = open_splits(args.data)
+        train_images, val_images = open_splits(args.data, args.val_data, args.shard_url, args.num_samples)
     eval_aug = recipe(size)
     val_feats, val_labels = features_of(backbone, pretrained.feat_dim, val_images, eval_aug, ctx, precision, args.channels_last,
                                         args.workers, gather=False)
@@ -261,12 +266,12 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict:
         batches = FeatureBatches(feats, labels, args.batch_size, args.seed, ctx)
     else:
         batches = ViewBatches(build_loader(
-            args.loader, data_dir=train_images, aug=linear_recipe(size), batch_size=args.batch_size // ctx.world_size,
+            args.loader, source=train_images, aug=linear_recipe(size), batch_size=args.batch_size // ctx.world_size,
             device=ctx.device, workers=args.workers, channels_last=args.channels_last, seed=args.seed,
             rank=ctx.rank, world_size=ctx.world_size, dtype=torch.float16 if args.amp == "fp16" else torch.float32))
 
     # 3. The linear classifier (DDP under torchrun) and its optimiser.
-    head = linear_head(pretrained.feat_dim, len(train_images.classes), args.seed).to(ctx.device)
+    head = linear_head(pretrained.feat_dim, num_classes(train_images, ctx.gather_rows(val_labels)), args.seed).to(ctx.device)
     model = wrap_ddp(head, ctx)
     optimizer = make_optimizer(head.parameters(), args)
     init_lr = args.lr * args.batch_size / 256

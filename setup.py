@@ -22,6 +22,7 @@ setup(
         "tensorboard",
         "matplotlib",
         "psutil",
+        "webdataset==1.0.2",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130==2.4.0"],

@@ -15,7 +15,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import dataclasses
 import json
 import math
 import random
@@ -46,7 +45,8 @@ from model.training import build_simsiam, recipe_sgd
 from pipeline import LOADERS, build_loader, recipe
 from pipeline.datasets import prepare_fashion_mnist
 from pipeline.eval_data import EvalImages
-from pipeline.imagefolder import scan_image_folder, write_skip_list
+from pipeline.sources import ImageList, ShardSource, open_splits
+from pipeline.sources.imagefolder import write_skip_list
 
 DEFAULT_DATA = "data/fashion-mnist"
 RUN_DIR: Path | None = None  # where error.log goes once the run folder is known
@@ -75,7 +75,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", default=DEFAULT_DATA,
-                   help="ImageFolder root with train/ and val/ splits; the default is prepared from Fashion-MNIST when missing")
+                   help="ImageFolder root with train/ and val/ splits (the default is prepared from Fashion-MNIST when "
+                        "missing), or tar shards: the folder of python -m pipeline.shards write (train.json, val.json), "
+                        "an index .json, or a pattern (train-{000000..000127}.tar, pipe:CMD) with --num-samples")
+    d.add_argument("--val-data", default=None,
+                   help="the val split for the kNN monitor when --data does not hold one (a split folder or shards)")
+    d.add_argument("--num-samples", type=int, default=None,
+                   help="shards given as a pattern: their total sample count (an index knows it)")
+    d.add_argument("--shard-url", default=None,
+                   help="shards: where the index's relative names go, '{}' for the name, e.g. "
+                        "'pipe:aws s3 cp s3://bucket/shards/{} -' (default: beside the index)")
+    d.add_argument("--shuffle-buffer", type=int, default=1000, help="shards: samples each loader worker shuffles through")
+    d.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="shards: stop once more than this share of an epoch's samples were bad (listed in <out>/skipped.txt)")
+    d.add_argument("--record-keys", default=None, help=argparse.SUPPRESS)  # shards: write each rank's sample keys here
     d.add_argument("--loader", choices=LOADERS, default="torch", help="data pipeline backend")
     d.add_argument("-j", "--workers", type=int, default=2, help="loader worker processes / threads per rank")
     d.add_argument("--image-size", type=int, default=32, help="view side in pixels")
@@ -163,6 +176,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not math.isfinite(value) or value < 0 or (name in ("lr", "knn_t") and value == 0):
             p.error(f"--{name.replace('_', '-')} must be a finite {'positive' if name in ('lr', 'knn_t') else 'non-negative'} "
                     f"number, got {value}")
+    if args.num_samples is not None and args.num_samples < 1:
+        p.error(f"--num-samples must be >= 1, got {args.num_samples}")
+    if not 0.0 <= args.max_bad_fraction <= 1.0:
+        p.error(f"--max-bad-fraction must be a share in [0, 1], got {args.max_bad_fraction}")
+    if args.shuffle_buffer < 1:
+        p.error(f"--shuffle-buffer must be >= 1, got {args.shuffle_buffer}")
     for name in ("epochs", "knn_bank", "knn_queries"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -225,9 +244,7 @@ def scores(fb, lb, fq, lq, args) -> dict:
 
 def eval_slice(images, limit: int, seed: int, ctx: DistContext):
     """This rank's contiguous slice of the seeded evaluation subset (``limit`` 0: all images)."""
-    sub = images.subset(limit or None, seed)
-    start, stop = ctx.shard_range(len(sub))
-    return dataclasses.replace(sub, samples=sub.samples[start:stop])
+    return images.subset(limit or None, seed).part(ctx.rank, ctx.world_size)
 
 
 def evaluate(model, bank: EvalImages | None, queries: EvalImages | None, args, ctx: DistContext, precision) -> dict:
@@ -274,9 +291,17 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     micro = per_rank_batch(args.batch_size, ctx.world_size, args.accum)
+    out = Path(args.out) if args.out else (Path(args.resume).parent if args.resume else None)
+    if out is None:
+        out = Path("runs") / ctx.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.resume or not (out / "skipped.txt").exists():
+            (out / "skipped.txt").write_text("")  # its presence says the check ran; bad shard samples are appended
+    ctx.barrier()
 
-    # 2. Data: prepare the default data set, scan the splits (once per node), build the two-view loader.
-    data = Path(args.data)
+    # 2. Data: prepare the default data set, open the splits (an ImageFolder is scanned once per node;
+    #    shards are named by an index or a pattern, nothing is read), build the two-view loader.
     aug = recipe(args.image_size, args.min_crop_scale)
     train_images = val_images = None
     view_dtype = torch.float16 if args.amp == "fp16" else torch.float32
@@ -284,16 +309,13 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
                   rank=ctx.rank, world_size=ctx.world_size)
     with ctx.local_main_first():
         if args.loader != "synthetic":
+            data = Path(args.data)
             if args.data == DEFAULT_DATA and not (data / "train").exists():
                 say(f"preparing Fashion-MNIST as JPEG files under {data} (once)")
                 prepare_fashion_mnist(data, progress=ctx.is_main)
-            if not data.is_dir():
-                raise FileNotFoundError(f"data folder {data} does not exist")
-            if not (data / "train").is_dir():
-                raise FileNotFoundError(f"data folder {data} has no train/ folder: expected "
-                                        f"{data}/train/<class>/<images> (and optionally {data}/val/)")
-            train_images = scan_image_folder(data / "train", on_bad=args.on_bad_image).subset(args.subset, args.seed)
-            val_images = scan_image_folder(data / "val", on_bad=args.on_bad_image) if (data / "val").exists() else None
+            train_images, val_images = open_splits(args.data, args.on_bad_image, args.num_samples, args.shard_url,
+                                                   args.val_data)
+            train_images = train_images.subset(args.subset, args.seed)
         if args.loader == "synthetic":
             loader = build_loader("synthetic", num_samples=args.synthetic_size // ctx.world_size,
                                   size=args.image_size, **common)
@@ -306,7 +328,11 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
                 extra = dict(cpu_decode=args.dali_cpu_decode, prefetch=args.dali_prefetch)
                 if args.dali_hw_decoder_load is not None:
                     extra["hw_decoder_load"] = args.dali_hw_decoder_load
-            loader = build_loader(args.loader, data_dir=train_images, aug=aug, workers=args.workers, **common, **extra)
+            elif isinstance(train_images, ShardSource):
+                extra = dict(shuffle_buffer=args.shuffle_buffer, max_bad_fraction=args.max_bad_fraction,
+                             skip_log=out / ("skipped.txt" if ctx.is_main else f"skipped.rank{ctx.rank}.txt"),
+                             record_keys=args.record_keys is not None)
+            loader = build_loader(args.loader, source=train_images, aug=aug, workers=args.workers, **common, **extra)
     steps_per_epoch = len(loader) // args.accum
     if steps_per_epoch < 1:
         raise ValueError(f"--accum {args.accum} needs {args.accum} batches per epoch, but each rank has {len(loader)}")
@@ -324,14 +350,11 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
         optimizer, lr_lambdas(groups, args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)))
 
     # 5. Resume (a file, or 'auto': the newest valid checkpoint in --out), or start a new run folder.
-    out = Path(args.out) if args.out else (Path(args.resume).parent if args.resume else None)
-    if out is None:
-        out = Path("runs") / ctx.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         RUN_DIR = out
-        if train_images is not None:
-            write_skip_list([i for i in (train_images, val_images) if i is not None], out / "skipped.txt")
+        lists = [i for i in (train_images, val_images) if isinstance(i, ImageList)]
+        if lists:
+            write_skip_list(lists, out / "skipped.txt")
     state = None
     if args.resume == "auto":
         found = load_latest(out)
@@ -444,6 +467,10 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
                 if close is not None:
                     close()
             seconds = time.time() - t0
+            if args.record_keys:  # hidden, for tests: the samples this rank trained on this epoch
+                Path(args.record_keys).mkdir(parents=True, exist_ok=True)
+                (Path(args.record_keys) / f"epoch{epoch + 1}-rank{ctx.rank}.txt").write_text(
+                    "".join(k + "\n" for k in getattr(loader, "keys", [])))
             resume_hint = f"resume: the same command with --resume auto --out {out} (or --resume {out / 'checkpoint.pth'})"
             if halted and step < steps_per_epoch - 1:
                 raise TrainingInterrupted(f"stopped by {stop.name} at epoch {epoch + 1}, step {step + 1}/"

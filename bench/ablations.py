@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import train  # noqa: E402
 from model.collapse import first_warning  # noqa: E402
 from model.plots import plot_run, plot_study  # noqa: E402
-from pipeline.imagefolder import scan_image_folder  # noqa: E402
+from pipeline.sources.imagefolder import scan_image_folder  # noqa: E402
 
 # train.py options per preset; every variant adds its flags to these.
 PRESETS = {

@@ -1,4 +1,4 @@
-"""Loader-only images/s: DALI (``pipeline.dali_loader``) vs the torch loader on the same real JPEGs.
+"""Loader-only images/s: DALI (``pipeline.backends.dali.loader``) vs the torch loader on the same real JPEGs.
 
 Both loaders deliver two views per image on the CPU with the same number of threads
 (``--workers``: DataLoader worker processes for torch, DALI ``num_threads``). Two recipes:
@@ -31,9 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: see bench/trust.py
 
+from pipeline import build_loader  # noqa: E402
 from pipeline.augment import recipe  # noqa: E402
 from bench.photos import measure_loader, photo_folder  # noqa: E402
-from pipeline.imagefolder import scan_image_folder  # noqa: E402
+from pipeline.sources.imagefolder import scan_image_folder  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -60,11 +61,7 @@ def main(argv=None) -> None:
         cpu = {name: [] for name in loaders}
         for _ in range(a.repeats):  # loaders interleaved, so each pair of runs sees similar load
             for name in loaders:
-                if name == "dali":
-                    from pipeline.dali_loader import DaliLoader as cls
-                else:
-                    from pipeline.torch_loader import TorchLoader as cls
-                loader = cls(images, recipes[rec], batch_size=a.batch_size, workers=a.workers, device="cpu", seed=0)
+                loader = build_loader(name, images, recipes[rec], batch_size=a.batch_size, workers=a.workers, device="cpu", seed=0)
                 m = measure_loader(loader, a.batches, a.warmup)
                 runs[name].append(m.images_per_s)
                 cpu[name].append(m.cpu_ms_per_image)

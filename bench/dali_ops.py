@@ -30,8 +30,8 @@ from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from bench.photos import photo_folder  # noqa: E402
 from pipeline.augment import recipe  # noqa: E402
-from pipeline.dali_pipeline import one_view  # noqa: E402
-from pipeline.imagefolder import scan_image_folder  # noqa: E402
+from pipeline.backends.dali.graph import one_view  # noqa: E402
+from pipeline.sources.imagefolder import scan_image_folder  # noqa: E402
 
 
 def _crop(images, aug, antialias=True):
@@ -94,7 +94,7 @@ def pil_rate(files, aug, n) -> tuple[float, float]:
     import torch
     from torchvision.transforms import v2
 
-    from pipeline.imagefolder import load_rgb
+    from pipeline.sources.imagefolder import load_rgb
     crop = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(aug.size, scale=aug.crop_scale, ratio=aug.crop_ratio,
                                                          antialias=True)])
     torch.set_num_threads(1)  # as in a DataLoader worker

@@ -1,4 +1,4 @@
-"""Loader-only images/s: FFCV (``pipeline.ffcv_loader``) vs the torch loader on the same real JPEGs.
+"""Loader-only images/s: FFCV (``pipeline.backends.ffcv.loader``) vs the torch loader on the same real JPEGs.
 
 Both loaders deliver the full SimSiam recipe, two views per image, on the CPU: torch applies
 torchvision v2 per image in DataLoader workers; FFCV decodes + crops + flips in numba threads and
@@ -6,7 +6,7 @@ runs colour jitter / grayscale / blur / normalise batched (``pipeline.gpu_augmen
 numba compilation (first batch) is timed separately and kept out of the rate; so are the first
 ``--warmup`` batches of each loader. Extra FFCV rows, from the same compiled loader: the colour
 stage at the caller's full torch thread count (instead of the cores FFCV's threads leave,
-``pipeline.ffcv_loader.colour_threads_for``), and without the colour stage (decode + crop + flip
+``pipeline.backends.ffcv.loader.colour_threads_for``), and without the colour stage (decode + crop + flip
 alone).
 
 Data: the 20 ImageNet JPEGs of the foolbox wheel (512×512, one 1024×683), copied to ``--images``
@@ -30,9 +30,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenM
 
 import torch  # noqa: E402
 
+from pipeline import build_loader  # noqa: E402
 from pipeline.augment import recipe  # noqa: E402
 from bench.photos import measure_loader, photo_folder  # noqa: E402
-from pipeline.imagefolder import scan_image_folder  # noqa: E402
+from pipeline.sources.imagefolder import scan_image_folder  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -66,15 +67,13 @@ def main(argv=None) -> None:
                           "loadavg_1m": round(os.getloadavg()[0], 2), **extra}), flush=True)
 
     if not a.skip_torch:
-        from pipeline.torch_loader import TorchLoader
-        m = measure_loader(TorchLoader(images, **common), a.batches, a.warmup)
+        m = measure_loader(build_loader("torch", images, **common), a.batches, a.warmup)
         report("torch", m, warmup_s=round(m.warm_s, 1))
 
-    from pipeline.ffcv_loader import FfcvLoader
     from pipeline.gpu_augment import GpuAugment
     torch.set_num_threads(threads)
     beton = work / f"photos-{a.images}-{a.write_mode}.beton"
-    ffcv = FfcvLoader(images, beton=beton, write_mode=a.write_mode, jpeg_quality=90, **common)
+    ffcv = build_loader("ffcv", images, beton=beton, write_mode=a.write_mode, jpeg_quality=90, **common)
     m = measure_loader(ffcv, a.batches, a.warmup)
     report("ffcv", m, warmup_incl_compile_s=round(m.warm_s, 1), write_mode=a.write_mode,
            colour_threads=ffcv.colour_threads)

@@ -2,7 +2,7 @@
 
 - ``loader``: iterate a loader (two views per image, on the training device); no model.
 - ``model``: forward + loss + backward + optimiser step on ``synthetic`` views already on the
-  device (``pipeline.synthetic``): the ceiling the input pipeline is compared against.
+  device (``pipeline.backends.synthetic``): the ceiling the input pipeline is compared against.
 - ``e2e``: loader → model, the training loop of ``train.py`` (same :func:`model.step.train_step`).
 
 Each point: build the loader, run ``warmup`` discarded steps, then ``repeats`` timed windows
@@ -28,7 +28,7 @@ from model.precision import Precision
 from model.step import train_step
 from model.training import build_simsiam, recipe_sgd
 from pipeline import build_loader, recipe
-from pipeline.imagefolder import ImageList
+from pipeline.sources.imagefolder import ImageList
 
 from .memory import PeakMemory, is_oom, release_memory
 from .timing import cycle_epochs, measure, steps_for, summarize
@@ -169,7 +169,7 @@ def make_loader(spec: str, batch: int, s: Settings):
     common = dict(batch_size=batch, device=s.device, channels_last=s.channels_last, seed=s.seed, dtype=s.view_dtype)
     if name == "synthetic":
         return build_loader("synthetic", num_samples=batch * 1_000_000, size=s.image_size, pool=1, **common)
-    return build_loader(name, data_dir=s.images, aug=recipe(s.image_size), workers=s.workers, rank=s.rank,
+    return build_loader(name, source=s.images, aug=recipe(s.image_size), workers=s.workers, rank=s.rank,
                         world_size=s.world_size, **common, **options)
 
 

@@ -41,7 +41,7 @@ from model.backbones import ARCHS  # noqa: E402
 from model.precision import AMP_MODES  # noqa: E402
 from pipeline import LOADERS  # noqa: E402
 from model.distributed import DistContext, destroy, init_from_env, launched_by_torchrun  # noqa: E402
-from pipeline.imagefolder import ImageList, scan_image_folder  # noqa: E402
+from pipeline.sources.imagefolder import ImageList, scan_image_folder  # noqa: E402
 
 DEFAULT_DATA = "data/fashion-mnist"
 REAL_LOADERS = ("torch", "dali", "ffcv", "torchvision-gpu")

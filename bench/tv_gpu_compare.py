@@ -7,7 +7,7 @@ Two measurements, both in one run so that their ratios see the same machine load
    ``--images`` files), two recipes: ``full`` (the SimSiam recipe) and ``decode_crop`` (jitter,
    grey and blur off). Runs are interleaved (``--repeats``); the best run per row is printed with
    the 1-minute load, then the ratios (of the best runs, and the median of same-round pairs).
-2. **canvas** — the crop stage alone (:func:`pipeline.roi_crop.crop_resize`, both views of a
+2. **canvas** — the crop stage alone (:func:`pipeline.backends.tv_gpu.roi_crop.crop_resize`, both views of a
    batch) on decoded photos of mixed sizes, for several ``max_pad`` values (0: one canvas per
    distinct size; inf: one canvas for the batch) and for one ``roi_align`` call per image. The
    sizes are the foolbox photos resized to a seeded mix of long sides 333-500 px and aspects
@@ -40,10 +40,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.photos import photo_folder, rate  # noqa: E402
+from pipeline import build_loader  # noqa: E402
 from pipeline.augment import recipe  # noqa: E402
-from pipeline.crop_boxes import random_resized_crop_boxes  # noqa: E402
-from pipeline.imagefolder import scan_image_folder  # noqa: E402
-from pipeline.roi_crop import crop_resize, plan_groups  # noqa: E402
+from pipeline.backends.tv_gpu.crop_boxes import random_resized_crop_boxes  # noqa: E402
+from pipeline.backends.tv_gpu.roi_crop import crop_resize, plan_groups  # noqa: E402
+from pipeline.sources.imagefolder import scan_image_folder  # noqa: E402
 from torchvision.ops import roi_align  # noqa: E402
 
 ASPECTS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3)
@@ -54,8 +55,6 @@ def emit(**row) -> None:
 
 
 def compare_loaders(a) -> None:
-    from pipeline.torch_loader import TorchLoader
-    from pipeline.tv_gpu_loader import TorchvisionGpuLoader
 
     images = scan_image_folder(photo_folder(Path(a.work), a.images))
     recipes = {"full": recipe(a.size), "decode_crop": recipe(a.size).replace(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)}
@@ -64,8 +63,8 @@ def compare_loaders(a) -> None:
         for _ in range(a.repeats):  # interleaved, so each pair of runs sees similar load
             for name in runs:
                 kw = dict(batch_size=a.batch_size, workers=a.workers, device=a.device, seed=0)
-                loader = (TorchLoader(images, recipes[rec], **kw) if name == "torch"
-                          else TorchvisionGpuLoader(images, recipes[rec], max_pad=a.max_pad, **kw))
+                loader = (build_loader("torch", images, recipes[rec], **kw) if name == "torch"
+                          else build_loader("torchvision-gpu", images, recipes[rec], max_pad=a.max_pad, **kw))
                 runs[name].append(rate(loader, a.batches, a.warmup)[1])
                 del loader
         for name, r in runs.items():
@@ -148,7 +147,7 @@ def main(argv=None) -> None:
     p.add_argument("--work", default="/tmp/tv_gpu_compare")
     a = p.parse_args(argv)
     if a.max_pad is None:
-        from pipeline.tv_gpu_loader import DEFAULT_MAX_PAD
+        from pipeline.backends.tv_gpu.loader import DEFAULT_MAX_PAD
         a.max_pad = DEFAULT_MAX_PAD
     parts = a.parts.split(",")
     if "canvas" in parts:

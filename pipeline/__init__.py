@@ -1,50 +1,82 @@
-"""Data pipelines: each turns a source into :class:`TwoViewBatch` es on the training device.
+"""Data pipelines: a *source* says what the samples are and how an epoch is ordered and split
+(:mod:`pipeline.sources`: an ImageFolder split, tar shards); a *backend* turns a source into
+:class:`TwoViewBatch` es on the training device (:mod:`pipeline.backends`: torch, dali, ffcv,
+torchvision-gpu, synthetic), with the shared settings of a :class:`~pipeline.feed.Feed`.
 
 :func:`build_loader` is the one place that maps ``--loader`` to a backend. Backends with optional
 dependencies (DALI, FFCV) are imported only when chosen.
 """
 from __future__ import annotations
 
+import os
+
 from .augment import AugmentConfig, recipe
 from .batch import TwoViewBatch
+from .feed import Feed
+from .sources import open_source
 
 LOADERS = ("torch", "dali", "ffcv", "torchvision-gpu", "synthetic")
 
 
-def build_loader(name: str, **kwargs):
-    """Build the loader called ``name`` (one of :data:`LOADERS`).
-
-    Every loader offers ``__iter__`` (yields :class:`TwoViewBatch`), ``__len__`` (batches per
-    epoch, last partial batch dropped), ``set_epoch(epoch, start=0)`` (``start`` batches skipped: a
-    mid-epoch resume), ``batch_size`` and ``num_samples``.
-    ``kwargs`` go to the backend's constructor (see each class for its arguments).
+def backend_class(name: str, source=None) -> type:
+    """The backend class of ``--loader name`` for ``source`` (tar shards have their own torch backend).
 
     Raises:
         ValueError: unknown ``name``.
         ImportError: the backend's package is not installed (the message names the pip extra).
     """
     if name == "torch":
-        from .torch_loader import TorchLoader
-        return TorchLoader(**kwargs)
+        from .backends.torch import TorchLoader, TorchShardLoader
+        return TorchShardLoader if getattr(source, "kind", None) == "shards" else TorchLoader
     if name == "torchvision-gpu":
-        from .tv_gpu_loader import TorchvisionGpuLoader
-        return TorchvisionGpuLoader(**kwargs)
+        from .backends.tv_gpu.loader import TorchvisionGpuLoader
+        return TorchvisionGpuLoader
     if name == "synthetic":
-        from .synthetic import SyntheticLoader
-        return SyntheticLoader(**kwargs)
+        from .backends.synthetic import SyntheticLoader
+        return SyntheticLoader
     if name == "dali":
         try:
-            from .dali_loader import DaliLoader
+            from .backends.dali.loader import DaliLoader
         except ImportError as exc:
             raise ImportError(f"--loader dali needs NVIDIA DALI: pip install -e '.[dali]' ({exc})") from exc
-        return DaliLoader(**kwargs)
+        return DaliLoader
     if name == "ffcv":
         try:
-            from .ffcv_loader import FfcvLoader
+            from .backends.ffcv.loader import FfcvLoader
         except ImportError as exc:
             raise ImportError(f"--loader ffcv needs FFCV: pip install -e '.[ffcv]' ({exc})") from exc
-        return FfcvLoader(**kwargs)
+        return FfcvLoader
     raise ValueError(f"unknown loader {name!r}; choose one of {', '.join(LOADERS)}")
 
 
-__all__ = ["AugmentConfig", "LOADERS", "TwoViewBatch", "build_loader", "recipe"]
+def build_loader(name: str, source=None, aug: AugmentConfig | None = None, **options):
+    """Build the loader called ``name`` (one of :data:`LOADERS`) over ``source``.
+
+    Every loader offers ``__iter__`` (yields :class:`TwoViewBatch`), ``__len__`` (batches per
+    epoch, last partial batch dropped), ``set_epoch(epoch, start=0)`` (``start`` batches skipped: a
+    mid-epoch resume), ``batch_size`` and ``num_samples``.
+
+    Args:
+        name: the backend.
+        source: a source object (:class:`~pipeline.sources.imagefolder.ImageList`,
+            :class:`~pipeline.sources.shards.ShardSource`), or a path / URL opened with
+            :func:`pipeline.sources.open_source`; None for ``synthetic``.
+        aug: augmentation parameters (None for ``synthetic``).
+        options: the :class:`~pipeline.feed.Feed` fields (``batch_size``, ``device``, ``workers``,
+            ``channels_last``, ``dtype``, ``prefetch``, ``seed``, ``rank``, ``world_size``) and the
+            backend's own options (see each backend class).
+
+    Raises:
+        ValueError: unknown ``name``; a source the backend does not read; bad feed settings.
+        ImportError: the backend's package is not installed (the message names the pip extra).
+        TypeError: an option the backend does not take.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = open_source(source)
+    cls = backend_class(name, source)
+    feed, own = Feed.split(options)
+    return cls(source, aug, feed, **own)
+
+
+__all__ = ["AugmentConfig", "Feed", "LOADERS", "TwoViewBatch", "backend_class", "build_loader", "open_source",
+           "recipe"]

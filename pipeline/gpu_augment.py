@@ -5,7 +5,7 @@ sample's random parameters are drawn as tensors of length ``B``; samples are nev
 in Python (the loops below run over the 4 jitter steps × 4 operations, independent of ``B``).
 
 The operations and constants are torchvision's (``transforms.v2``), which the torch loader
-applies image by image (:func:`pipeline.torch_loader.view_transform`, after the official
+applies image by image (:func:`pipeline.backends.torch.loader.view_transform`, after the official
 ``main_simsiam.py`` / MoCo v2 recipe):
 
 - ``RandomApply([ColorJitter(b, c, s, h)], p=jitter_p)``: factors ``U[1-b, 1+b]`` etc., hue shift

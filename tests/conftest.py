@@ -22,7 +22,7 @@ import pytest
 
 from pipeline.datasets import DEBIAN_DIR, prepare_fashion_mnist
 
-# The image-check cache of pipeline.imagefolder goes to a throw-away folder, not the user's ~/.cache.
+# The image-check cache of pipeline.sources.imagefolder goes to a throw-away folder, not the user's ~/.cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="simsiam-test-cache-")
 
 

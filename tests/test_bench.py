@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train
+from pipeline import build_loader
 from bench import throughput, trace_summary
 from bench.memory import MemoryCeilingExceeded, is_oom, rss_mb
 from bench.stages import TimedIter
@@ -210,11 +211,10 @@ def test_loader_specs_name_constructor_options():
 
 def test_dali_cpu_decode_on_the_cpu_says_it_does_nothing(photo_folder):
     from pipeline.augment import recipe
-    from pipeline.dali_loader import DaliLoader
     with pytest.warns(UserWarning, match="does nothing without a GPU"):
-        DaliLoader(photo_folder, recipe(16), batch_size=4, device="cpu", cpu_decode=True)
+        build_loader("dali", photo_folder, recipe(16), batch_size=4, device="cpu", cpu_decode=True)
     with pytest.raises(ValueError, match="hw_decoder_load"):
-        DaliLoader(photo_folder, recipe(16), batch_size=4, device="cpu", hw_decoder_load=1.5)
+        build_loader("dali", photo_folder, recipe(16), batch_size=4, device="cpu", hw_decoder_load=1.5)
 
 
 class ScriptedPoints:
@@ -290,7 +290,7 @@ def test_section_time_limit_skips_the_rest(photo_folder, tmp_path, monkeypatch):
 
 
 def test_ffcv_colour_stage_leaves_the_decoding_threads_their_cores():
-    from pipeline.ffcv_loader import colour_threads_for
+    from pipeline.backends.ffcv.loader import colour_threads_for
     assert colour_threads_for(torch.device("cuda"), 2) is None  # on a GPU the stage is not on the CPU
     n = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))

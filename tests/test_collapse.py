@@ -16,7 +16,7 @@ DIM = 256
 
 @pytest.fixture(scope="module")
 def batches(fmnist_slice):
-    loader = build_loader("torch", data_dir=fmnist_slice / "train", aug=recipe(8), batch_size=64, workers=0)
+    loader = build_loader("torch", source=fmnist_slice / "train", aug=recipe(8), batch_size=64, workers=0)
     return list(loader)
 
 

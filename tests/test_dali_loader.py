@@ -23,10 +23,9 @@ from nvidia.dali import backend as dali_backend  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from pipeline import build_loader, recipe  # noqa: E402
-from pipeline.dali_loader import DaliDecodeError, DaliLoader  # noqa: E402
-from pipeline.imagefolder import ImageList, scan_image_folder  # noqa: E402
+from pipeline.backends.dali.loader import DaliDecodeError  # noqa: E402
+from pipeline.sources.imagefolder import ImageList, scan_image_folder  # noqa: E402
 from pipeline.sampling import shard_order  # noqa: E402
-from pipeline.torch_loader import TorchLoader  # noqa: E402
 from tests.view_probes import pixels as to_pixels, still  # noqa: E402
 
 
@@ -57,7 +56,7 @@ def identify(views: torch.Tensor, refs: torch.Tensor, aug) -> list[int]:
 @pytest.mark.parametrize("channels_last,dtype,size", [(False, torch.float32, 96), (True, torch.float16, 160)])
 def test_shapes_dtype_layout_and_views_differ(photo_folder, channels_last, dtype, size):
     aug = recipe(size)
-    loader = DaliLoader(photo_folder, aug, batch_size=8, workers=2, channels_last=channels_last, dtype=dtype)
+    loader = build_loader("dali", photo_folder, aug, batch_size=8, workers=2, channels_last=channels_last, dtype=dtype)
     assert len(loader) == 22 // 8 and loader.num_samples == 22
     batches = list(loader)
     assert len(batches) == 2
@@ -83,7 +82,7 @@ def test_order_and_labels_follow_the_shared_epoch_order(photo_folder):
     assert len(images) == 19 and set(images.labels) == {0, 1}
     aug = still(32)
     refs = references([p for p, _ in images.samples], 32)
-    loader = DaliLoader(images, aug, batch_size=5, workers=2, seed=3)
+    loader = build_loader("dali", images, aug, batch_size=5, workers=2, seed=3)
     for epoch in (0, 1):
         loader.set_epoch(epoch)
         got, labels = [], []
@@ -100,20 +99,20 @@ def test_order_and_labels_follow_the_shared_epoch_order(photo_folder):
 
 def test_exact_batch_count_over_epochs(fmnist_slice):
     train = fmnist_slice / "train"  # 300 images: 300 / 64 leaves a partial batch of 44
-    loader = build_loader("dali", data_dir=train, aug=recipe(16), batch_size=64, workers=2)
+    loader = build_loader("dali", source=train, aug=recipe(16), batch_size=64, workers=2)
     assert len(loader) == 4
     for epoch in range(4):
         loader.set_epoch(epoch)
         sizes = [b.view1.shape[0] for b in loader]
         assert sizes == [64] * 4, (epoch, sizes)
-    half = DaliLoader(train, recipe(16), batch_size=64, rank=1, world_size=2)
+    half = build_loader("dali", train, recipe(16), batch_size=64, rank=1, world_size=2)
     assert len(half) == 2 and [b.label.shape[0] for b in half] == [64, 64]
     with pytest.raises(ValueError, match="batch size 301"):
-        DaliLoader(train, recipe(16), batch_size=301)
+        build_loader("dali", train, recipe(16), batch_size=301)
 
 
 def test_held_batch_is_not_overwritten(fmnist_slice):
-    loader = DaliLoader(fmnist_slice / "train", recipe(16), batch_size=32, workers=2, prefetch=2)
+    loader = build_loader("dali", fmnist_slice / "train", recipe(16), batch_size=32, workers=2, prefetch=2)
     it = iter(loader)
     first = next(it)
     saved = [t.clone() for t in first]
@@ -126,12 +125,12 @@ def test_held_batch_is_not_overwritten(fmnist_slice):
 
 def test_resume_replays_the_uninterrupted_epoch(fmnist_slice):
     train = scan_image_folder(fmnist_slice / "train")
-    run = DaliLoader(train, recipe(16), batch_size=64, workers=2, seed=7)
+    run = build_loader("dali", train, recipe(16), batch_size=64, workers=2, seed=7)
     epochs = []
     for epoch in (0, 1):
         run.set_epoch(epoch)
         epochs.append(list(run))
-    resumed = DaliLoader(train, recipe(16), batch_size=64, workers=1, seed=7)  # new process, other threads
+    resumed = build_loader("dali", train, recipe(16), batch_size=64, workers=1, seed=7)  # new process, other threads
     resumed.set_epoch(1)
     again = list(resumed)
     assert len(again) == len(epochs[1]) == 4
@@ -150,7 +149,7 @@ def test_shards_are_disjoint_and_complete(fmnist_slice, world_size):
     batch = 300 // world_size // 2
     seen = []
     for rank in range(world_size):
-        loader = DaliLoader(images, aug, batch_size=batch, workers=2, seed=11, rank=rank, world_size=world_size)
+        loader = build_loader("dali", images, aug, batch_size=batch, workers=2, seed=11, rank=rank, world_size=world_size)
         loader.set_epoch(2)
         ids = [i for b in loader for i in identify(b.view1, refs, aug)]
         labels = [lab for b in loader for lab in b.label.tolist()]
@@ -198,8 +197,8 @@ def test_parity_with_torch_loader_crop_flip_grey(tmp_path):
     probe = coordinate_probe(tmp_path / "probe.png")
     images = ImageList(str(tmp_path), ["probe"], [(probe, 0)] * 512)
     aug = recipe(32).replace(jitter_p=0.0)  # colour jitter would scramble the coordinates
-    dali = collect(DaliLoader(images, aug, batch_size=128, workers=2, seed=1), aug)
-    ref = collect(TorchLoader(images, aug, batch_size=128, workers=0, seed=2), aug)
+    dali = collect(build_loader("dali", images, aug, batch_size=128, workers=2, seed=1), aug)
+    ref = collect(build_loader("torch", images, aug, batch_size=128, workers=0, seed=2), aug)
     n = 1024
     for name, stats_ in (("dali", dali), ("torch", ref)):
         # the recipe's own ranges (small slack for reading a resampled ramp back)
@@ -224,9 +223,9 @@ def test_hue_is_a_fraction_of_a_turn(photo_dir):
     base = still(32)
     hue_only = base.replace(jitter_p=1.0, brightness=0.0, contrast=0.0, saturation=0.0)
     change = {}
-    for name, loader_cls, kw in (("dali", DaliLoader, {}), ("torch", TorchLoader, {"workers": 0})):
-        plain = next(iter(loader_cls(images, base, batch_size=64, **kw))).view1
-        shifted = next(iter(loader_cls(images, hue_only, batch_size=64, **kw))).view1
+    for name, kw in (("dali", {}), ("torch", {"workers": 0})):
+        plain = next(iter(build_loader(name, images, base, batch_size=64, **kw))).view1
+        shifted = next(iter(build_loader(name, images, hue_only, batch_size=64, **kw))).view1
         change[name] = (to_pixels(shifted, base) - to_pixels(plain, base)).abs().mean().item()
     assert 0.6 * change["torch"] < change["dali"] < 1.6 * change["torch"], change
 
@@ -263,8 +262,8 @@ def test_odd_but_valid_files_decode_like_pil(photo_dir, tmp_path, monkeypatch, k
     n = len(images)
     aug = still(32)
     t0 = time.time()
-    (dali,) = list(DaliLoader(images, aug, batch_size=n, seed=5))
-    (ref,) = list(TorchLoader(images, aug, batch_size=n, workers=0, seed=5))
+    (dali,) = list(build_loader("dali", images, aug, batch_size=n, seed=5))
+    (ref,) = list(build_loader("torch", images, aug, batch_size=n, workers=0, seed=5))
     assert time.time() - t0 < 60
     assert torch.equal(dali.label, ref.label)
     diff = (to_pixels(dali.view1, aug) - to_pixels(ref.view1, aug)).abs().mean((1, 2, 3))
@@ -284,10 +283,10 @@ def test_undecodable_files_skipped_like_the_torch_loader(photo_dir, tmp_path, mo
     (root / "b" / "notes.txt").write_text("not an image extension: ignored like ImageFolder does")
     (root / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
-        DaliLoader(root, recipe(32), batch_size=2)
+        build_loader("dali", root, recipe(32), batch_size=2)
     (root / "empty").rmdir()
     with pytest.warns(UserWarning, match="skipping 2 undecodable"):
-        loader = DaliLoader(root, recipe(32), batch_size=2)
+        loader = build_loader("dali", root, recipe(32), batch_size=2)
     assert loader.num_samples == 6 and len(loader) == 3
     assert sum(b.view1.shape[0] for b in loader) == 6
 
@@ -301,19 +300,19 @@ def test_a_file_dali_cannot_decode_stops_with_its_name(photo_dir, tmp_path, dama
     bad = tmp_path / f"{damage}.jpg"
     bad.write_bytes(Path(photos[0]).read_bytes()[:3000] if damage == "truncated" else b"\x00garbage" * 100)
     images = ImageList(str(tmp_path), ["x"], [(p, 0) for p in photos] + [(str(bad), 0)])
-    loader = DaliLoader(images, recipe(32), batch_size=2, workers=2)
+    loader = build_loader("dali", images, recipe(32), batch_size=2, workers=2)
     t0 = time.time()
     with pytest.raises(DaliDecodeError, match=str(bad)):
         for _ in loader:
             pass
     assert time.time() - t0 < 30
-    good = DaliLoader(ImageList(str(tmp_path), ["x"], [(p, 0) for p in photos]), recipe(32), batch_size=3)
+    good = build_loader("dali", ImageList(str(tmp_path), ["x"], [(p, 0) for p in photos]), recipe(32), batch_size=3)
     assert len(list(good)) == 3
 
 
 @pytest.mark.skipif(dali_backend.GetCUDADeviceCount() > 0, reason="a GPU is visible to DALI")
 def test_gpu_asked_without_gpu_is_one_sentence(photo_folder):
     with pytest.raises(ValueError) as info:
-        build_loader("dali", data_dir=photo_folder, aug=recipe(32), batch_size=4, device="cuda")
+        build_loader("dali", source=photo_folder, aug=recipe(32), batch_size=4, device="cuda")
     msg = str(info.value)
     assert "\n" not in msg and "--device cpu" in msg and "GPU" in msg

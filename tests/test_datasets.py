@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.datasets import CLASSES, DEBIAN_DIR, prepare_fashion_mnist, read_idx
-from pipeline.imagefolder import scan_image_folder
+from pipeline.sources.imagefolder import scan_image_folder
 
 
 def test_prepared_layout_counts_and_pixels(fmnist_root):
@@ -114,7 +114,7 @@ def bad_folder(photo_dir: Path, root: Path) -> Path:
 
 
 def test_every_bad_file_skipped_with_its_reason_and_listed(photo_dir, tmp_path):
-    from pipeline.imagefolder import write_skip_list
+    from pipeline.sources.imagefolder import write_skip_list
     root = bad_folder(photo_dir, tmp_path / "train")
     with pytest.warns(UserWarning, match=r"skipping 7 undecodable file\(s\)") as caught:
         images = scan_image_folder(root)

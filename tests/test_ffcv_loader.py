@@ -26,12 +26,10 @@ pytest.importorskip("ffcv")
 
 from pipeline import build_loader  # noqa: E402
 from pipeline.augment import AugmentConfig  # noqa: E402
-from pipeline.ffcv_loader import FfcvLoader  # noqa: E402
-from pipeline.ffcv_write import MAX_RGB_PIXELS, PAGE_BYTES, BetonError, check_beton, sidecar_path, write_beton  # noqa: E402
+from pipeline.backends.ffcv.write import MAX_RGB_PIXELS, PAGE_BYTES, BetonError, check_beton, sidecar_path, write_beton  # noqa: E402
 from pipeline.gpu_augment import GpuAugment  # noqa: E402
-from pipeline.imagefolder import ImageList, scan_image_folder  # noqa: E402
+from pipeline.sources.imagefolder import ImageList, scan_image_folder  # noqa: E402
 from pipeline.sampling import shard_order  # noqa: E402
-from pipeline.torch_loader import TorchLoader  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 AUG = AugmentConfig(size=32, blur_p=0.5)
@@ -81,7 +79,7 @@ def shared(probe_split, tmp_path_factory):
     """The one compiled loader: ImageFolder split → .beton (written on demand) → two views."""
     images = scan_image_folder(probe_split)
     cache = tmp_path_factory.mktemp("ffcv_cache")
-    loader = FfcvLoader(images, aug=AUG, batch_size=BATCH, workers=2, channels_last=True, seed=0,
+    loader = build_loader("ffcv", images, aug=AUG, batch_size=BATCH, workers=2, channels_last=True, seed=0,
                         cache_dir=cache)
     return loader, images
 
@@ -140,7 +138,7 @@ def test_writer_bad_inputs_converted_or_skipped(photo_dir, tmp_path):
     rgb.resize((1, 1)).save(cls / "one_pixel.png")
     rgb.resize((8000, 6000)).save(cls / "huge.jpg", quality=80)
     out = tmp_path / "mixed.beton"
-    run = subprocess.run([sys.executable, "-m", "pipeline.ffcv_write", str(tmp_path / "train"), str(out),
+    run = subprocess.run([sys.executable, "-m", "pipeline.backends.ffcv.write", str(tmp_path / "train"), str(out),
                           "--max-resolution", "512", "-j", "2"],
                          cwd=REPO, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr
@@ -177,7 +175,7 @@ def test_writer_fits_huge_and_16_bit_images_says_so_and_stores_upright(photo_dir
     exif[0x0112] = 6
     upright.transpose(Image.Transpose.ROTATE_90).save(cls / "phone.jpg", exif=exif, quality=95)
     out = tmp_path / "odd.beton"
-    run = subprocess.run([sys.executable, "-m", "pipeline.ffcv_write", str(tmp_path / "train"), str(out), "-j", "1"],
+    run = subprocess.run([sys.executable, "-m", "pipeline.backends.ffcv.write", str(tmp_path / "train"), str(out), "-j", "1"],
                          cwd=REPO, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr
     assert f"stored 1 of 3 image(s) smaller than in their files (longest side unlimited, at most {MAX_RGB_PIXELS} " \
@@ -192,14 +190,14 @@ def test_writer_fits_huge_and_16_bit_images_says_so_and_stores_upright(photo_dir
     assert meta["max_resolution"] is None and meta["max_pixels"] == MAX_RGB_PIXELS
     assert meta["downscaled"] == {"count": 1, "largest": [{"file": str(cls / "huge.jpg"), "size": [2500, 2500],
                                                            "stored": [1665, 1665]}]}
-    helped = subprocess.run([sys.executable, "-m", "pipeline.ffcv_write", "--help"], cwd=REPO,
+    helped = subprocess.run([sys.executable, "-m", "pipeline.backends.ffcv.write", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert f"an image over {MAX_RGB_PIXELS} pixels" in " ".join(helped.stdout.split())
 
 
 def test_fashion_mnist_beton_in_one_command(fmnist_slice, tmp_path):
     out = tmp_path / "fmnist-train.beton"
-    run = subprocess.run([sys.executable, "-m", "pipeline.ffcv_write", str(fmnist_slice / "train"), str(out)],
+    run = subprocess.run([sys.executable, "-m", "pipeline.backends.ffcv.write", str(fmnist_slice / "train"), str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr
     assert "300/300" in run.stderr  # FFCV's progress bar
@@ -209,7 +207,7 @@ def test_fashion_mnist_beton_in_one_command(fmnist_slice, tmp_path):
     first = stored_pixels(reader, out, 0)
     with Image.open(images.samples[0][0]) as im:
         np.testing.assert_array_equal(first, np.asarray(im.convert("RGB")))  # grey JPEG → 3 equal channels
-    again = subprocess.run([sys.executable, "-m", "pipeline.ffcv_write", str(fmnist_slice / "train"), str(out)],
+    again = subprocess.run([sys.executable, "-m", "pipeline.backends.ffcv.write", str(fmnist_slice / "train"), str(out)],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "exists" in again.stderr
 
@@ -225,7 +223,7 @@ def test_bad_beton_clear_errors(photo_folder, tmp_path):
     for path, match in ((truncated, "truncated"), (tail_cut, "truncated"), (garbage, "not a readable FFCV"),
                         (tmp_path / "missing.beton", "does not exist")):
         with pytest.raises(BetonError, match=match):
-            FfcvLoader(path, aug=AUG, batch_size=4)
+            build_loader("ffcv", path, aug=AUG, batch_size=4)
 
     from ffcv.fields import FloatField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -239,23 +237,23 @@ def test_bad_beton_clear_errors(photo_folder, tmp_path):
     wrong = tmp_path / "wrong.beton"
     DatasetWriter(str(wrong), {"image": RGBImageField(), "label": FloatField()}, num_workers=1).from_indexed_dataset(Floats())
     with pytest.raises(BetonError, match="IntField"):
-        FfcvLoader(wrong, aug=AUG, batch_size=4)
+        build_loader("ffcv", wrong, aug=AUG, batch_size=4)
 
 
 def test_argument_errors_before_compiling(photo_folder, tmp_path):
     beton = write_beton(photo_folder, tmp_path / "p.beton", num_workers=1, progress=False)
     with pytest.raises(ValueError, match=r"rank 2 outside world size 2 \(ranks are 0..1\)"):
-        FfcvLoader(beton, aug=AUG, batch_size=4, rank=2, world_size=2)
+        build_loader("ffcv", beton, aug=AUG, batch_size=4, rank=2, world_size=2)
     with pytest.raises(ValueError, match="world size must be an integer >= 1"):
-        FfcvLoader(beton, aug=AUG, batch_size=4, world_size=0)
+        build_loader("ffcv", beton, aug=AUG, batch_size=4, world_size=0)
     with pytest.raises(ValueError, match="one process"):
-        FfcvLoader(beton, aug=AUG, batch_size=4, rank=0, world_size=2, order="quasi_random")
+        build_loader("ffcv", beton, aug=AUG, batch_size=4, rank=0, world_size=2, order="quasi_random")
     with pytest.raises(ValueError, match="larger than"):
-        FfcvLoader(beton, aug=AUG, batch_size=1000)
+        build_loader("ffcv", beton, aug=AUG, batch_size=1000)
     with pytest.raises(ValueError, match="larger than the 11 images"):  # 22 photos, 2 ranks: 11 each
-        FfcvLoader(beton, aug=AUG, batch_size=12, rank=1, world_size=2)
+        build_loader("ffcv", beton, aug=AUG, batch_size=12, rank=1, world_size=2)
     with pytest.raises(ValueError, match="order"):
-        FfcvLoader(beton, aug=AUG, batch_size=4, order="shuffled")
+        build_loader("ffcv", beton, aug=AUG, batch_size=4, order="shuffled")
 
 
 def test_building_a_loader_leaves_numba_types_alone(photo_folder, tmp_path):
@@ -264,13 +262,13 @@ def test_building_a_loader_leaves_numba_types_alone(photo_folder, tmp_path):
     import numba as nb
     shared_type = nb.uint8[::1]
     beton = write_beton(photo_folder, tmp_path / "p.beton", num_workers=1, progress=False)
-    FfcvLoader(beton, aug=AUG, batch_size=4)  # compiles FFCV's reader (the pipeline waits for a batch)
+    build_loader("ffcv", beton, aug=AUG, batch_size=4)  # compiles FFCV's reader (the pipeline waits for a batch)
     assert shared_type.mutable and nb.uint8[::1] is shared_type
 
 
 def test_quasi_random_order_depends_on_seed_and_epoch_only(photo_folder, tmp_path):
     beton = write_beton(photo_folder, tmp_path / "q.beton", num_workers=1, progress=False)
-    loader = FfcvLoader(beton, aug=AUG, batch_size=4, order="quasi_random", os_cache=False, seed=3)
+    loader = build_loader("ffcv", beton, aug=AUG, batch_size=4, order="quasi_random", os_cache=False, seed=3)
     first = loader.epoch_order(3)
     loader.epoch_order(4)
     assert np.array_equal(loader.epoch_order(3), first)  # FFCV's own shuffles its page table in place
@@ -322,7 +320,7 @@ def test_views_pair_with_label_and_match_torch_crops(shared, probe_split):
     ffcv = read_crops(torch.cat(views))
     assert torch.cat(pairs).float().mean() > 0.95  # two independent crops per image
     probe_only = ImageList(str(probe_split), images.classes, [s for s in images.samples if s[1] < 3])
-    ref_loader = TorchLoader(probe_only, NO_COLOUR, batch_size=54, workers=0, seed=1)
+    ref_loader = build_loader("torch", probe_only, NO_COLOUR, batch_size=54, workers=0, seed=1)
     ref_views = []
     for epoch in range(5):
         ref_loader.set_epoch(epoch)
@@ -349,7 +347,7 @@ def test_set_epoch_and_resume_order(shared):
     assert torch.equal(first, torch.cat([b.label for b in loader]))  # set_epoch holds: no silent advance
     assert not torch.equal(first, epoch_labels(3))
     # a fresh loader (a resumed run) reads the shared order: the torch and DALI loaders' order
-    fresh = build_loader("ffcv", data_dir=loader.beton, aug=AUG, batch_size=BATCH, seed=0)
+    fresh = build_loader("ffcv", source=loader.beton, aug=AUG, batch_size=BATCH, seed=0)
     order = shard_order(len(images), 0, 2)[: len(fresh) * BATCH]
     assert fresh.epoch_order(2).tolist() == order
     assert torch.equal(first, labels[order])

@@ -17,8 +17,9 @@ pytest.importorskip("nvidia.dali")
 
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
-from pipeline.formats import DALI_KINDS, dali_sources, file_kinds  # noqa: E402
-from pipeline.imagefolder import ImageList, load_rgb  # noqa: E402
+from pipeline.backends.dali.png_copies import dali_sources  # noqa: E402
+from pipeline.sources.formats import DALI_KINDS, file_kinds  # noqa: E402
+from pipeline.sources.imagefolder import ImageList, load_rgb  # noqa: E402
 
 
 @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_pipelined=False, exec_async=False,

@@ -17,7 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from pipeline.augment import recipe
 from pipeline.gpu_augment import GpuAugment, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, gaussian_blur
-from pipeline.torch_loader import view_transform
+from pipeline.backends.torch.loader import view_transform
 from tests.host_reads import count_host_reads
 
 AUG = recipe(64).replace(blur_p=0.5)  # 64 px views keep the blur (kernel 7) for the test

@@ -34,29 +34,27 @@ def state():
     kids = me.children(recursive=True)
     return {"threads": me.num_threads(), "py_threads": threading.active_count(), "children": len(kids),
             "zombies": sum(k.status() == psutil.STATUS_ZOMBIE for k in kids), "rss_mib": me.memory_info().rss / 2**20}
-from pipeline import recipe
-from pipeline.imagefolder import scan_image_folder
+from pipeline import build_loader, recipe
+from pipeline.sources.imagefolder import scan_image_folder
 images = scan_image_folder(data)
 kw = dict(aug=recipe(32), batch_size=4, workers=2, seed=0)
 if backend == "torch":
-    from pipeline.torch_loader import TorchLoader
     note("import")
-    loader = TorchLoader(images, **kw)
+    loader = build_loader("torch", images, **kw)
 elif backend == "dali":
-    from pipeline.dali_loader import DaliLoader
     note("import")
-    loader = DaliLoader(images, **kw)
+    loader = build_loader("dali", images, **kw)
 else:
-    import pipeline.ffcv_loader, pipeline.ffcv_write
-    from pipeline.ffcv_runtime import import_ffcv
+    import pipeline.backends.ffcv.loader, pipeline.backends.ffcv.write
+    from pipeline.backends.ffcv.runtime import import_ffcv
     import_ffcv()
     note("import")
-    from pipeline.ffcv_write import check_beton, write_beton
+    from pipeline.backends.ffcv.write import check_beton, write_beton
     beton = write_beton(images, work + "/photos.beton", num_workers=2, progress=False)
     note("write")
     check_beton(beton)
     note("check")
-    loader = pipeline.ffcv_loader.FfcvLoader(beton, **kw)
+    loader = build_loader("ffcv", beton, **kw)
 note("build")
 batches = 0
 for epoch in range(2):

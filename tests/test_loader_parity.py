@@ -24,10 +24,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from pipeline import recipe
-from pipeline.imagefolder import ImageList, scan_image_folder, to_rgb
+from pipeline import build_loader, recipe
+from pipeline.sources.imagefolder import ImageList, scan_image_folder, to_rgb
 from pipeline.sampling import shard_order
-from pipeline.torch_loader import TorchLoader
 from tests.view_probes import pixels
 
 SIZE, BATCH, SEED, WORLD = 32, 7, 5, 2
@@ -128,15 +127,13 @@ def identify(batches, refs: torch.Tensor) -> tuple[list[int], torch.Tensor]:
 def build(backend: str, data, rank: int, aug=STILL, **kw):
     common = dict(aug=aug, batch_size=BATCH, seed=SEED, rank=rank, world_size=WORLD, **kw)
     if backend == "torch":
-        return TorchLoader(data, workers=0, **common)
+        return build_loader("torch", data, workers=0, **common)
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-        from pipeline.dali_loader import DaliLoader
-        return DaliLoader(data, workers=2, **common)
+        return build_loader("dali", data, workers=2, **common)
     pytest.importorskip("ffcv")
-    from pipeline.ffcv_loader import FfcvLoader
     from pipeline.gpu_augment import GpuAugment
-    loader = FfcvLoader(data, workers=2, **common)
+    loader = build_loader("ffcv", data, workers=2, **common)
     loader.colour = GpuAugment(aug, flip=False, normalize=True)
     return loader
 

@@ -20,7 +20,7 @@ def tiny_model(seed=0):
 
 
 def test_twenty_steps_make_no_host_read_and_one_readback_makes_one(fmnist_slice):
-    loader = build_loader("torch", data_dir=fmnist_slice / "train", aug=recipe(8), batch_size=16, workers=0)
+    loader = build_loader("torch", source=fmnist_slice / "train", aug=recipe(8), batch_size=16, workers=0)
     batches = list(loader)[:4]  # decoded up front: the loader's own work is not the step's
     model = tiny_model()
     opt, prec, crit = recipe_sgd(model, lr=0.05), Precision("off", torch.device("cpu")), SimSiamLoss()
@@ -38,7 +38,7 @@ def test_twenty_steps_make_no_host_read_and_one_readback_makes_one(fmnist_slice)
 
 
 def test_non_finite_step_is_skipped_on_the_device(fmnist_slice):
-    loader = build_loader("torch", data_dir=fmnist_slice / "train", aug=recipe(8), batch_size=16, workers=0)
+    loader = build_loader("torch", source=fmnist_slice / "train", aug=recipe(8), batch_size=16, workers=0)
     good = next(iter(loader))
     bad = good._replace(view1=good.view1.clone())
     bad.view1[0, 0, 0, 0] = float("nan")
@@ -59,7 +59,7 @@ def test_non_finite_step_is_skipped_on_the_device(fmnist_slice):
 
 
 def test_accumulation_gradient_is_the_mean_of_the_micro_batch_gradients(fmnist_slice):
-    loader = build_loader("torch", data_dir=fmnist_slice / "train", aug=recipe(8), batch_size=16, workers=0)
+    loader = build_loader("torch", source=fmnist_slice / "train", aug=recipe(8), batch_size=16, workers=0)
     it = iter(loader)
     micro = [next(it), next(it)]
     model = tiny_model()

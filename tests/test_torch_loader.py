@@ -5,14 +5,14 @@ import torch
 from PIL import Image
 
 from pipeline import build_loader, recipe
-from pipeline.imagefolder import scan_image_folder
+from pipeline.sources.imagefolder import scan_image_folder
 from pipeline.sampling import shard_order
-from pipeline.torch_loader import view_transform
+from pipeline.backends.torch.loader import view_transform
 
 
 def test_views_differ_keep_label_and_layout(fmnist_slice):
     images = scan_image_folder(fmnist_slice / "train")
-    loader = build_loader("torch", data_dir=images, aug=recipe(16), batch_size=32, workers=0,
+    loader = build_loader("torch", source=images, aug=recipe(16), batch_size=32, workers=0,
                           channels_last=True, seed=1)
     assert len(loader) == 300 // 32 and loader.num_samples == 300
     loader.set_epoch(0)
@@ -30,7 +30,7 @@ def test_views_differ_keep_label_and_layout(fmnist_slice):
 
 
 def test_epoch_order_deterministic_and_changes(fmnist_slice):
-    kw = dict(data_dir=fmnist_slice / "train", aug=recipe(8), batch_size=50, workers=0, seed=3)
+    kw = dict(source=fmnist_slice / "train", aug=recipe(8), batch_size=50, workers=0, seed=3)
     a, b = build_loader("torch", **kw), build_loader("torch", **kw)
     a.set_epoch(2)
     b.set_epoch(2)
@@ -96,7 +96,7 @@ def test_blur_only_on_large_views():
 
 def test_batch_larger_than_data_is_refused(fmnist_slice):
     with pytest.raises(ValueError, match="batch size 512 is larger than the 300 images"):
-        build_loader("torch", data_dir=fmnist_slice / "train", aug=recipe(8), batch_size=512, workers=0)
+        build_loader("torch", source=fmnist_slice / "train", aug=recipe(8), batch_size=512, workers=0)
 
 
 def test_synthetic_loader_shapes():
@@ -108,7 +108,7 @@ def test_synthetic_loader_shapes():
 
 
 def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
-    from pipeline.imagefolder import load_rgb
+    from pipeline.sources.imagefolder import load_rgb
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "g16.png")
     rgb = np.asarray(load_rgb(str(tmp_path / "g16.png")))
@@ -124,6 +124,6 @@ def test_file_changed_after_the_scan_is_named(photo_folder, tmp_path):
     victim = images.samples[3][0]
     with open(victim, "r+b") as f:
         f.truncate(1000)
-    loader = build_loader("torch", data_dir=images, aug=recipe(16), batch_size=22, workers=0)
+    loader = build_loader("torch", source=images, aug=recipe(16), batch_size=22, workers=0)
     with pytest.raises(ValueError, match=f"{victim} no longer decodes .*changed after the scan"):
         next(iter(loader))

@@ -65,7 +65,7 @@ def steps_z_std(batches, stop_gradient, steps=40):
 
 
 def test_without_stop_gradient_the_output_collapses(fmnist_slice):
-    loader = build_loader("torch", data_dir=fmnist_slice / "train", aug=recipe(8), batch_size=64, workers=0)
+    loader = build_loader("torch", source=fmnist_slice / "train", aug=recipe(8), batch_size=64, workers=0)
     batches = list(loader)
     healthy = steps_z_std(batches, True)
     collapsed = steps_z_std(batches, False)

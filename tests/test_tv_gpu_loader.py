@@ -18,13 +18,11 @@ from torchvision.transforms.v2 import functional as TF
 
 import train
 from pipeline import LOADERS, build_loader, recipe
-from pipeline.crop_boxes import ORIENTATIONS, random_resized_crop_boxes, shown_size, to_stored_frame
-from pipeline.imagefolder import ImageList, scan_image_folder
-from pipeline.jpeg_header import read_jpeg_header
-from pipeline.roi_crop import crop_resize, plan_groups
+from pipeline.backends.tv_gpu.crop_boxes import ORIENTATIONS, random_resized_crop_boxes, shown_size, to_stored_frame
+from pipeline.sources.imagefolder import ImageList, scan_image_folder
+from pipeline.backends.tv_gpu.jpeg_header import read_jpeg_header
+from pipeline.backends.tv_gpu.roi_crop import crop_resize, plan_groups
 from pipeline.sampling import shard_order
-from pipeline.torch_loader import TorchLoader
-from pipeline.tv_gpu_loader import TorchvisionGpuLoader
 from tests.host_reads import count_host_reads
 from tests.view_probes import coordinate_probe, crop_stats, decoded, nearest, pixels, still
 
@@ -171,9 +169,9 @@ def test_roi_align_antialiasing_is_close_to_antialiased_resize(photo_dir):
 @pytest.mark.parametrize("channels_last,dtype,size", [(False, torch.float32, 96), (True, torch.bfloat16, 40)])
 def test_shapes_dtype_layout_and_values(photo_folder, channels_last, dtype, size):
     assert "torchvision-gpu" in LOADERS
-    loader = build_loader("torchvision-gpu", data_dir=photo_folder, aug=recipe(size), batch_size=8, workers=2,
+    loader = build_loader("torchvision-gpu", source=photo_folder, aug=recipe(size), batch_size=8, workers=2,
                           channels_last=channels_last, dtype=dtype)
-    assert isinstance(loader, TorchvisionGpuLoader) and len(loader) == 22 // 8 and loader.num_samples == 22
+    assert type(loader).__name__ == "TorchvisionGpuLoader" and len(loader) == 22 // 8 and loader.num_samples == 22
     batches = list(loader)
     assert len(batches) == 2
     for b in batches:
@@ -197,7 +195,7 @@ def test_order_labels_and_shards_through_pixels(fmnist_slice, world_size):
     refs = decoded([p for p, _ in images.samples])
     seen = []
     for rank in range(world_size):
-        loader = TorchvisionGpuLoader(images, aug, batch_size=50, workers=2, seed=3, rank=rank, world_size=world_size)
+        loader = build_loader("torchvision-gpu", images, aug, batch_size=50, workers=2, seed=3, rank=rank, world_size=world_size)
         loader.set_epoch(1)
         got, labels = [], []
         for b in loader:
@@ -213,27 +211,27 @@ def test_order_labels_and_shards_through_pixels(fmnist_slice, world_size):
 
 def test_exact_length_over_epochs(fmnist_slice):
     train_dir = fmnist_slice / "train"  # 300 images: 300 / 64 leaves a partial batch of 44
-    loader = TorchvisionGpuLoader(train_dir, recipe(16), batch_size=64, workers=2)
+    loader = build_loader("torchvision-gpu", train_dir, recipe(16), batch_size=64, workers=2)
     assert len(loader) == 4
     for epoch in range(3):
         loader.set_epoch(epoch)
         assert [b.view1.shape[0] for b in loader] == [64] * 4
-    half = TorchvisionGpuLoader(train_dir, recipe(16), batch_size=64, rank=1, world_size=2)
+    half = build_loader("torchvision-gpu", train_dir, recipe(16), batch_size=64, rank=1, world_size=2)
     assert len(half) == 2 and [b.label.shape[0] for b in half] == [64, 64]
     with pytest.raises(ValueError, match="batch size 301"):
-        TorchvisionGpuLoader(train_dir, recipe(16), batch_size=301)
+        build_loader("torchvision-gpu", train_dir, recipe(16), batch_size=301)
     with pytest.raises(ValueError, match="start batch 5"):
         loader.set_epoch(0, start=5)
 
 
 def test_resume_mid_epoch_replays_the_uninterrupted_batches(fmnist_slice):
     images = scan_image_folder(fmnist_slice / "train")
-    run = TorchvisionGpuLoader(images, recipe(16), batch_size=64, workers=2, seed=7)
+    run = build_loader("torchvision-gpu", images, recipe(16), batch_size=64, workers=2, seed=7)
     epochs = []
     for epoch in (0, 1):
         run.set_epoch(epoch)
         epochs.append(list(run))
-    resumed = TorchvisionGpuLoader(images, recipe(16), batch_size=64, workers=0, seed=7)  # other threads
+    resumed = build_loader("torchvision-gpu", images, recipe(16), batch_size=64, workers=0, seed=7)  # other threads
     resumed.set_epoch(1, start=2)
     again = list(resumed)
     assert len(again) == 2
@@ -241,7 +239,7 @@ def test_resume_mid_epoch_replays_the_uninterrupted_batches(fmnist_slice):
         assert torch.equal(a.label, b.label) and torch.equal(a.view1, b.view1) and torch.equal(a.view2, b.view2)
     assert not torch.equal(torch.cat([b.label for b in epochs[0]]), torch.cat([b.label for b in epochs[1]]))
     one = ImageList(images.root, images.classes, [images.samples[0]] * 128)  # both ranks see the same image
-    views = [next(iter(TorchvisionGpuLoader(one, recipe(16), batch_size=64, seed=7, rank=r, world_size=2))).view1
+    views = [next(iter(build_loader("torchvision-gpu", one, recipe(16), batch_size=64, seed=7, rank=r, world_size=2))).view1
              for r in (0, 1)]
     assert not torch.equal(*views)  # ranks draw their own augmentations
 
@@ -257,8 +255,8 @@ def test_crop_geometry_and_rates_match_torch_loader(tmp_path):
         parts = [crop_stats(v, aug) for b in loader for v in (b.view1, b.view2)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    ours = collect(TorchvisionGpuLoader(images, aug, batch_size=128, workers=2, seed=1))
-    ref = collect(TorchLoader(images, aug, batch_size=128, workers=0, seed=2))
+    ours = collect(build_loader("torchvision-gpu", images, aug, batch_size=128, workers=2, seed=1))
+    ref = collect(build_loader("torch", images, aug, batch_size=128, workers=0, seed=2))
     n = 1024
     for name, s in (("torchvision-gpu", ours), ("torch", ref)):
         assert s["area"].min() > 0.2 * 0.93 and s["area"].max() < 1.03, name
@@ -282,7 +280,7 @@ def test_exif_orientation_shows_the_photo_upright(photo_dir, tmp_path):
         base.save(path, quality=95, exif=exif)
         samples.append((str(path), 0))
     aug = still(48)  # central square of the upright photo
-    (batch,) = list(TorchvisionGpuLoader(ImageList(str(tmp_path), ["x"], samples), aug, batch_size=8, workers=0))
+    (batch,) = list(build_loader("torchvision-gpu", ImageList(str(tmp_path), ["x"], samples), aug, batch_size=8, workers=0))
     shown_as = shard_order(8, 0, 0)  # row j of the batch is samples[shown_as[j]]
     got = pixels(batch.view1, aug)[np.argsort(shown_as)]
     for k, (path, _) in enumerate(samples):
@@ -308,9 +306,9 @@ def test_formats_nvjpeg_cannot_decode_go_to_pil(photo_dir, tmp_path, monkeypatch
     images = scan_image_folder(tmp_path / "train")
     assert not images.skipped and len(images) == 8
     aug = still(32)
-    loader = TorchvisionGpuLoader(images, aug, batch_size=8, workers=2, seed=5)
+    loader = build_loader("torchvision-gpu", images, aug, batch_size=8, workers=2, seed=5)
     (ours,) = list(loader)
-    (ref,) = list(TorchLoader(images, aug, batch_size=8, workers=0, seed=5))
+    (ref,) = list(build_loader("torch", images, aug, batch_size=8, workers=0, seed=5))
     assert loader.cpu_decoded == 4  # cmyk.jpg, plain.png, png_named.jpg, palette.bmp
     assert torch.equal(ours.label, ref.label)
     names = [p.rsplit("/", 1)[1] for p, _ in images.samples]
@@ -330,7 +328,7 @@ def test_undecodable_files_are_skipped_like_the_torch_loader(photo_dir, tmp_path
     (root / "a" / "truncated.jpg").write_bytes(photos(photo_dir)[0].read_bytes()[:2000])
     (root / "b" / "not_an_image.jpg").write_bytes(b"hello, I am text\n" * 50)
     with pytest.warns(UserWarning, match="skipping 2 undecodable"):
-        loader = TorchvisionGpuLoader(root, recipe(32), batch_size=2)
+        loader = build_loader("torchvision-gpu", root, recipe(32), batch_size=2)
     assert loader.num_samples == 6 and sum(b.view1.shape[0] for b in loader) == 6
 
 
@@ -338,10 +336,10 @@ def test_a_file_changed_after_the_scan_stops_with_its_name(photo_dir, tmp_path):
     good = [(str(p), 0) for p in photos(photo_dir, 3)]
     bad = tmp_path / "truncated.jpg"
     bad.write_bytes(photos(photo_dir)[0].read_bytes()[:3000])  # its header parses; decoding fails
-    loader = TorchvisionGpuLoader(ImageList(str(tmp_path), ["x"], good + [(str(bad), 0)]), recipe(32), batch_size=2)
+    loader = build_loader("torchvision-gpu", ImageList(str(tmp_path), ["x"], good + [(str(bad), 0)]), recipe(32), batch_size=2)
     with pytest.raises(OSError, match=str(bad)):
         list(loader)
-    assert len(list(TorchvisionGpuLoader(ImageList(str(tmp_path), ["x"], good), recipe(32), batch_size=3))) == 1
+    assert len(list(build_loader("torchvision-gpu", ImageList(str(tmp_path), ["x"], good), recipe(32), batch_size=3))) == 1
 
 
 # ---------------------------------------------------------------- steady state, training
@@ -350,7 +348,7 @@ def test_steady_state_makes_no_host_reads(fmnist_slice):
     """Once running, building batches (decode, boxes, canvases, roi_align, colour stage with
     blur, layout) reads nothing back from the device. The colour stage runs as on CUDA (masks);
     on the CPU it picks its samples by index, where a host read costs nothing."""
-    loader = TorchvisionGpuLoader(fmnist_slice / "train", recipe(32).replace(blur_p=0.5), batch_size=32,
+    loader = build_loader("torchvision-gpu", fmnist_slice / "train", recipe(32).replace(blur_p=0.5), batch_size=32,
                                   workers=2, channels_last=True)
     loader.colour.selection = "masks"
     it = iter(loader)
@@ -367,8 +365,8 @@ def test_cuda_batches_show_what_the_cpu_batches_show(photo_folder):
     """On a GPU (nvJPEG, own stream): same files in the same order as on the CPU, pixels within a
     decoder's rounding, delivered on the device; the steady state reads nothing back."""
     aug = still(64)
-    cpu = next(iter(TorchvisionGpuLoader(photo_folder, aug, batch_size=16, device="cpu", seed=4)))
-    loader = TorchvisionGpuLoader(photo_folder, aug, batch_size=8, device="cuda", seed=4, channels_last=True)
+    cpu = next(iter(build_loader("torchvision-gpu", photo_folder, aug, batch_size=16, device="cpu", seed=4)))
+    loader = build_loader("torchvision-gpu", photo_folder, aug, batch_size=8, device="cuda", seed=4, channels_last=True)
     it = iter(loader)
     gpu = [next(it)]
     with count_host_reads() as counts:

@@ -17,7 +17,7 @@ from model.precision import Precision
 from model.step import train_step
 from model.training import build_simsiam
 from pipeline import build_loader, recipe
-from pipeline.imagefolder import scan_image_folder
+from pipeline.sources.imagefolder import scan_image_folder
 
 
 def grads(model):
@@ -39,7 +39,7 @@ def main():
         reference = copy.deepcopy(built.model)  # same initial weights on every rank (same seed)
         crit, prec = SimSiamLoss(), Precision("off", ctx.device)
         opt = torch.optim.SGD(built.model.parameters(), lr=0.0)
-        kw = dict(data_dir=images, aug=recipe(8), batch_size=8, workers=0, world_size=ctx.world_size)
+        kw = dict(source=images, aug=recipe(8), batch_size=8, workers=0, world_size=ctx.world_size)
         loader = build_loader("torch", rank=ctx.rank, **kw)
         loader.set_epoch(0)
         train_step(built.step_model, crit, iter(loader), opt, prec, accum)

@@ -15,7 +15,7 @@ from model.precision import Precision
 from model.simsiam import SimSiam
 from pipeline import recipe
 from pipeline.eval_data import EvalImages
-from pipeline.imagefolder import scan_image_folder
+from pipeline.sources.imagefolder import scan_image_folder
 
 
 def main():

@@ -24,7 +24,7 @@ import math
 
 from nvidia.dali import fn, pipeline_def, types
 
-from .augment import AugmentConfig
+from ...augment import AugmentConfig
 
 READER = "Reader"
 

@@ -10,7 +10,7 @@ are named in a warning, all of them are listed in ``ImageList.skipped`` with the
 :func:`write_skip_list` writes that list to a file. ``on_bad="error"`` refuses such a folder with
 a ValueError naming the first bad files instead. What PIL decodes, every backend trains on: the
 scan also records each file's real format and mode (``ImageList.kinds``, e.g. ``"GIF/P"`` for a
-GIF saved as ``.jpg``), from which :mod:`pipeline.formats` decides what DALI reads directly and
+GIF saved as ``.jpg``), from which :mod:`pipeline.sources.formats` decides what DALI reads directly and
 what it reads as a PNG copy.
 
 Pixels: :func:`load_rgb` applies the EXIF orientation (as DALI's decoder does, its
@@ -28,6 +28,7 @@ folder, no class sub-folders, a class folder with no images, or no decodable ima
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -41,6 +42,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from ..sampling import shard_order
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class ImageList:
         skipped: ``(absolute path, reason)`` for every file that failed to decode.
         kinds: per sample, PIL's ``"<format>/<mode>"`` of the file's bytes (``"JPEG/RGB"``,
             ``"GIF/P"``, ...), or None when the list was built by hand (then read from the
-            files' headers when a backend needs it, see :func:`pipeline.formats.file_kinds`).
+            files' headers when a backend needs it, see :func:`pipeline.sources.formats.file_kinds`).
     """
 
     root: str
@@ -81,6 +84,27 @@ class ImageList:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def epoch_indices(self, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                      shuffle: bool = True) -> list[int]:
+        """Indices into ``samples`` that rank ``rank`` reads in ``epoch``, in order: the shared
+        order of :func:`pipeline.sampling.shard_order`, ``len(self) // world_size`` of them.
+
+        Raises:
+            ValueError: ``rank`` outside ``[0, world_size)``.
+        """
+        return shard_order(len(self.samples), seed, epoch, rank, world_size, shuffle)
+
+    def slice(self, start: int, stop: int) -> "ImageList":
+        """Samples ``[start, stop)`` as a list of their own (a rank's part of an evaluation set)."""
+        kinds = None if self.kinds is None else self.kinds[start:stop]
+        return ImageList(self.root, self.classes, self.samples[start:stop], self.skipped, kinds)
+
+    def part(self, rank: int, world_size: int) -> "ImageList":
+        """This rank's contiguous part ``[n·rank/world, n·(rank+1)/world)`` of an evaluation set
+        (``DistContext.shard_range``'s slice, so gathering the parts in rank order restores the list)."""
+        n = len(self.samples)
+        return self.slice(n * rank // world_size, n * (rank + 1) // world_size)
 
     def subset(self, n: int | None, seed: int) -> "ImageList":
         """At most ``n`` samples drawn at random with ``seed``, kept in path order (``None``: all)."""
@@ -124,6 +148,18 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def load_rgb(path: str) -> Image.Image:
     """Decode an image file with PIL into an upright (EXIF orientation) 8-bit RGB image."""
     with Image.open(path) as im:
+        return to_rgb(oriented(im))
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode an encoded image (a shard's ``.jpg`` / ``.png`` bytes) as :func:`load_rgb` decodes a
+    file: upright by its EXIF orientation, 8-bit RGB.
+
+    Raises:
+        OSError, ValueError, ...: whatever PIL raises for bytes it cannot decode.
+    """
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
         return to_rgb(oriented(im))
 
 

@@ -2,13 +2,13 @@
 
 Command line (one command per split)::
 
-    python -m pipeline.ffcv_write data/fashion-mnist/train data/fashion-mnist/train.beton
-    python -m pipeline.ffcv_write IMAGENET/train train.beton --max-resolution 256 --write-mode jpg --jpeg-quality 90
+    python -m pipeline.backends.ffcv.write data/fashion-mnist/train data/fashion-mnist/train.beton
+    python -m pipeline.backends.ffcv.write IMAGENET/train train.beton --max-resolution 256 --write-mode jpg --jpeg-quality 90
 
-The images are the split's :class:`~pipeline.imagefolder.ImageList`, so labels and the bad-file
+The images are the split's :class:`~pipeline.sources.imagefolder.ImageList`, so labels and the bad-file
 policy are the torch loader's: files PIL cannot decode (corrupt, truncated, not an image) are
-skipped, counted and named by :func:`~pipeline.imagefolder.scan_image_folder`; every image is
-decoded as the torch loader decodes it (:func:`~pipeline.imagefolder.load_rgb`'s rules): upright
+skipped, counted and named by :func:`~pipeline.sources.imagefolder.scan_image_folder`; every image is
+decoded as the torch loader decodes it (:func:`~pipeline.sources.imagefolder.load_rgb`'s rules): upright
 by its EXIF orientation, grey, palette, CMYK and RGBA converted to 8-bit RGB (alpha dropped),
 16-bit scaled. Every sample reaches FFCV as a ``(H, W, 3)`` uint8 array: FFCV's encoder raises
 inside its worker process on a 2-D grey array, and its writer then waits forever.
@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .ffcv_runtime import import_ffcv, torch_threads_kept
-from .imagefolder import ORIENTATION, ImageList, oriented, scan_image_folder, to_rgb
+from ...sources.imagefolder import ORIENTATION, ImageList, oriented, scan_image_folder, to_rgb
+from .runtime import import_ffcv, torch_threads_kept
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 """FFCV ``RGBImageField`` write modes (docs.ffcv.io, "Writing a dataset"): ``raw`` stores pixels,
@@ -74,8 +74,8 @@ def stored_size(width: int, height: int, max_resolution: int | None = None) -> t
 
 
 def _fit(im: Image.Image, max_resolution: int | None) -> tuple[Image.Image, tuple[int, int]]:
-    """Upright 8-bit RGB copy of ``im`` (:func:`~pipeline.imagefolder.oriented`,
-    :func:`~pipeline.imagefolder.to_rgb`) at :func:`stored_size`, and ``im``'s upright size.
+    """Upright 8-bit RGB copy of ``im`` (:func:`~pipeline.sources.imagefolder.oriented`,
+    :func:`~pipeline.sources.imagefolder.to_rgb`) at :func:`stored_size`, and ``im``'s upright size.
 
     JPEGs are decoded at a reduced DCT scale first (``Image.draft``), so a huge photo never
     materialises at full size; the final resize is PIL's antialiased ``reduce`` + bilinear.
@@ -180,9 +180,9 @@ def write_beton(images: ImageList | str | os.PathLike, out: str | os.PathLike, *
         ValueError: unknown ``write_mode``, ``jpeg_quality`` outside 0–100, ``max_resolution < 1``.
         ValueError: a file that decoded during the scan failed while writing (nothing is left
             at ``out``).
-        FileNotFoundError, ValueError: from :func:`~pipeline.imagefolder.scan_image_folder`.
+        FileNotFoundError, ValueError: from :func:`~pipeline.sources.imagefolder.scan_image_folder`.
 
-    Leaves ``torch.get_num_threads()`` as it found it (see :mod:`pipeline.ffcv_runtime`).
+    Leaves ``torch.get_num_threads()`` as it found it (see :mod:`pipeline.backends.ffcv.runtime`).
     """
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
@@ -259,24 +259,24 @@ def check_beton(path: str | os.PathLike, image_field: str = "image", label_field
 
     path = Path(path)
     if not path.is_file():
-        raise BetonError(f"FFCV file {path} does not exist; write it with python -m pipeline.ffcv_write SPLIT {path}")
+        raise BetonError(f"FFCV file {path} does not exist; write it with python -m pipeline.backends.ffcv.write SPLIT {path}")
     size = path.stat().st_size
     try:
         reader = Reader(str(path))
     except Exception as exc:  # FFCV raises AssertionError/IndexError/ValueError on garbage
         raise BetonError(f"{path} is not a readable FFCV .beton ({type(exc).__name__}: {exc}); "
-                         f"rewrite it with python -m pipeline.ffcv_write --overwrite") from exc
+                         f"rewrite it with python -m pipeline.backends.ffcv.write --overwrite") from exc
     table = reader.alloc_table
     if (int(reader.header["alloc_table_ptr"]) > size or len(reader.metadata) != reader.num_samples
             or len(np.unique(table["sample_id"])) != reader.num_samples  # every image has its bytes
             or (len(table) and int((table["ptr"] + table["size"]).max()) > size)):
         raise BetonError(f"{path} is truncated ({size} bytes; it holds less than its header and allocation "
-                         f"table describe); rewrite it with python -m pipeline.ffcv_write --overwrite")
+                         f"table describe); rewrite it with python -m pipeline.backends.ffcv.write --overwrite")
     for name, kind in ((image_field, RGBImageField), (label_field, IntField)):
         if not isinstance(reader.handlers.get(name), kind):
             found = {k: type(v).__name__ for k, v in reader.handlers.items()}
             raise BetonError(f"{path} has fields {found}; expected {image_field!r}: RGBImageField and "
-                             f"{label_field!r}: IntField (write it with python -m pipeline.ffcv_write)")
+                             f"{label_field!r}: IntField (write it with python -m pipeline.backends.ffcv.write)")
     return reader
 
 

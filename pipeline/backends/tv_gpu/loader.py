@@ -3,17 +3,17 @@
 Per batch (one background thread, on its own CUDA stream on a GPU):
 
 1. **read** — ``workers`` threads read the files' bytes (into pinned memory on CUDA) and parse
-   each JPEG header on the host (:mod:`pipeline.jpeg_header`: format, components, EXIF
+   each JPEG header on the host (:mod:`pipeline.backends.tv_gpu.jpeg_header`: format, components, EXIF
    orientation). Files ``decode_jpeg`` cannot decode to RGB on every device (PNG, GIF, BMP, WebP,
    CMYK / 12-bit / lossless / arithmetic JPEGs) are decoded there by PIL
-   (:func:`pipeline.imagefolder.load_rgb`, the torch loader's decoder) and counted in
+   (:func:`pipeline.sources.imagefolder.load_rgb`, the torch loader's decoder) and counted in
    ``cpu_decoded``: a fallback, not a skip, so every file the shared scan accepts is delivered.
 2. **decode** once per image with ``torchvision.io.decode_jpeg``: on CUDA one call for the batch's
    list (nvJPEG; the hardware decoder where the GPU has one); on the CPU the reading threads call
    it per file (libjpeg-turbo; it releases the GIL, so decode runs on ``workers`` threads).
 3. **two views** — RandomResizedCrop boxes for both views drawn on the host with torchvision's
-   rule (:mod:`pipeline.crop_boxes`), mapped through each photo's EXIF orientation, then cropped
-   and resized by ``roi_align`` over size-grouped canvases (:mod:`pipeline.roi_crop`); the
+   rule (:mod:`pipeline.backends.tv_gpu.crop_boxes`), mapped through each photo's EXIF orientation, then cropped
+   and resized by ``roi_align`` over size-grouped canvases (:mod:`pipeline.backends.tv_gpu.roi_crop`); the
    orientation's transpose / flips applied to the square crops by mask.
 4. **colour stage** on both views at once (:class:`pipeline.gpu_augment.GpuAugment`: jitter,
    grey, blur, flip, normalise; masks, no host reads), then dtype and channels_last.
@@ -41,15 +41,17 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .augment import AugmentConfig
-from .batch import TwoViewBatch
+from ...augment import AugmentConfig
+from ...batch import TwoViewBatch
+from ...device import to_training_layout
+from ...feed import Feed
+from ...gpu_augment import GpuAugment
+from ...sampling import check_batch_size, epoch_seed
+from ...sources.imagefolder import load_rgb
+from ..base import Backend, image_list
 from .crop_boxes import ORIENTATION_FLAGS, random_resized_crop_boxes, shown_size, to_stored_frame
-from .device import to_training_layout
-from .gpu_augment import GpuAugment
-from .imagefolder import ImageList, load_rgb, scan_image_folder
 from .jpeg_header import read_jpeg_header
 from .roi_crop import crop_resize, to_device_async
-from .sampling import check_batch_size, epoch_seed, shard_order
 
 DEFAULT_MAX_PAD = 1.0  # canvases at most 2x their pixels: see the README (--loader torchvision-gpu) for why
 
@@ -96,66 +98,42 @@ def _read(path: str, pin: bool, decode_here: bool) -> _File:
     return _File(path, data, False, header.orientation)
 
 
-class TorchvisionGpuLoader:
+class TorchvisionGpuLoader(Backend):
     """Two-view batches decoded and augmented on the training device by torchvision ops.
 
     Args:
-        data_dir: an ImageFolder split (``<root>/<class>/<image>``) or an :class:`ImageList`.
+        source: an ImageFolder split (:class:`~pipeline.sources.imagefolder.ImageList`).
         aug: augmentation parameters (the SimSiam recipe).
-        batch_size: images per batch per rank (each gives two views).
-        device: training device; batches are built there (CUDA: nvJPEG decode, own stream).
-        workers: reading threads (on the CPU they also decode); 0 reads in the batch thread.
-        channels_last: deliver views in ``torch.channels_last`` memory format.
-        seed, rank, world_size: order, shards and augmentation draws (:mod:`pipeline.sampling`).
-        dtype: dtype of the delivered views (float32; float16 / bfloat16 halve them).
-        prefetch: batches prepared ahead of the consumer (and batches of files read ahead).
+        feed: batch size per rank; training ``device`` (batches are built there; CUDA: nvJPEG
+            decode, own stream); ``workers`` reading threads (on the CPU they also decode; 0
+            reads in the batch thread); layout; dtype; seed, rank and world size (order, shards
+            and augmentation draws, :mod:`pipeline.sampling`); ``prefetch`` batches prepared
+            ahead of the consumer, and batches of files read ahead (default 2).
         max_pad: padding a ``roi_align`` canvas may add, as a fraction of its images' pixels
-            (:func:`pipeline.roi_crop.plan_groups`; 0 groups equal sizes only).
+            (:func:`pipeline.backends.tv_gpu.roi_crop.plan_groups`; 0 groups equal sizes only).
 
     Attributes:
         batch_size, num_samples (this rank's images per epoch), images (:class:`ImageList`),
         cpu_decoded (files decoded by PIL so far: not JPEG, or a JPEG torchvision refused).
 
     Raises:
-        FileNotFoundError, NotADirectoryError, RuntimeError: from
-            :func:`pipeline.imagefolder.scan_image_folder` (missing / empty folders, nothing decodable).
-        ValueError: batch size larger than this rank's shard, ``prefetch < 1``, ``workers < 0``.
+        ValueError: batch size larger than this rank's shard; a source that is not a split.
     """
 
-    def __init__(self, data_dir, aug: AugmentConfig, batch_size: int, device: torch.device | str = "cpu",
-                 workers: int = 2, channels_last: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 dtype: torch.dtype = torch.float32, prefetch: int = 2, max_pad: float = DEFAULT_MAX_PAD):
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be >= 1 batch, got {prefetch}")
-        if workers < 0:
-            raise ValueError(f"workers must be >= 0, got {workers}")
-        self.images = data_dir if isinstance(data_dir, ImageList) else scan_image_folder(data_dir)
-        self.device, self.channels_last, self.dtype = torch.device(device), channels_last, dtype
+    name = "torchvision-gpu"
+
+    def __init__(self, source, aug: AugmentConfig, feed: Feed, max_pad: float = DEFAULT_MAX_PAD):
+        super().__init__(image_list(source, self.name), aug, feed)
+        self.images = self.source
         if self.device.type == "cuda" and self.device.index is None:  # the batch thread needs the index
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.aug, self.batch_size, self.seed, self.rank, self.world_size = aug, batch_size, seed, rank, world_size
-        self.prefetch, self.max_pad = prefetch, max_pad
-        shard_order(len(self.images), seed, 0, rank, world_size)  # validates rank / world size
-        self.num_samples = len(self.images) // world_size
-        self._len = check_batch_size(batch_size, self.num_samples, f"shard {rank} of {self.images.root}")
+        self.prefetch, self.max_pad = feed.prefetch_or(2), max_pad
+        self.num_samples = len(self.images) // self.world_size
+        self._len = check_batch_size(self.batch_size, self.num_samples, f"shard {self.rank} of {self.images.root}")
         self.colour = GpuAugment(aug, flip=True, normalize=True)
         self.cpu_decoded = 0
+        workers = feed.workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tv-gpu-read") if workers else None
-        self._epoch, self._start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select epoch ``epoch``; the next iteration yields its batches ``start .. len-1``, identical
-        to those of an uninterrupted epoch (mid-epoch resume).
-
-        Raises:
-            ValueError: ``start`` outside ``[0, len(self)]``.
-        """
-        if not 0 <= start <= self._len:
-            raise ValueError(f"start batch {start} outside 0..{self._len} (batches per epoch)")
-        self._epoch, self._start = epoch, start
-
-    def __len__(self) -> int:
-        return self._len
 
     # ------------------------------------------------------------------ host side
 
@@ -224,8 +202,8 @@ class TorchvisionGpuLoader:
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self):
-        epoch, start = self._epoch, self._start
-        order = shard_order(len(self.images), self.seed, epoch, self.rank, self.world_size)
+        epoch, start = self.epoch, self.start
+        order = self.images.epoch_indices(self.seed, epoch, self.rank, self.world_size)
         samples, b = self.images.samples, self.batch_size
         batches = [order[k * b:(k + 1) * b] for k in range(start, self._len)]
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)

@@ -5,7 +5,7 @@ DataLoader workers. Augmentation randomness is a pure function of ``(seed, epoch
 each sample's two views are drawn under ``torch.random.fork_rng`` seeded from that triple, so
 the result does not depend on the number of workers, on persistent workers, or on resuming, also
 mid-epoch (``set_epoch(epoch, start)``). Images are decoded with PIL, upright by their EXIF
-orientation as DALI decodes them (:func:`pipeline.imagefolder.load_rgb`).
+orientation as DALI decodes them (:func:`pipeline.sources.imagefolder.load_rgb`).
 """
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from .augment import AugmentConfig
-from .batch import TwoViewBatch
-from .device import to_training_layout
-from .imagefolder import ImageList, load_rgb, scan_image_folder
-from .sampling import check_batch_size, check_start, epoch_seed, shard_order, shard_size
+from ...augment import AugmentConfig
+from ...batch import TwoViewBatch
+from ...device import to_training_layout
+from ...feed import Feed
+from ...sampling import check_batch_size, epoch_seed
+from ...sources.imagefolder import ImageList, load_rgb
+from ..base import Backend, image_list
 
 
 def view_transform(aug: AugmentConfig) -> v2.Compose:
@@ -71,58 +73,51 @@ class TwoViewDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Yields ``(index, epoch)`` in this rank's order for the current epoch (see :mod:`pipeline.sampling`),
-    from position ``skip`` of that order on (a mid-epoch resume skips whole batches).
-
-    Raises:
-        ValueError: bad ``rank`` / ``world_size``.
+    """Yields ``(index, epoch)`` in this rank's order for the current epoch (the source's
+    :meth:`~pipeline.sources.imagefolder.ImageList.epoch_indices`), from position ``skip`` of that
+    order on (a mid-epoch resume skips whole batches).
     """
 
-    def __init__(self, num_samples: int, seed: int, rank: int, world_size: int):
-        self.shard = shard_size(num_samples, rank, world_size)
-        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+    def __init__(self, images: ImageList, seed: int, rank: int, world_size: int):
+        self.images, self.seed, self.rank, self.world_size = images, seed, rank, world_size
+        self.shard = len(images) // world_size
         self.epoch, self.skip = 0, 0
 
     def __iter__(self):
-        order = shard_order(self.num_samples, self.seed, self.epoch, self.rank, self.world_size)
+        order = self.images.epoch_indices(self.seed, self.epoch, self.rank, self.world_size)
         return iter([(i, self.epoch) for i in order[self.skip:]])
 
     def __len__(self) -> int:
         return self.shard - self.skip
 
 
-class TorchLoader:
+class TorchLoader(Backend):
     """Two-view batches from an ImageFolder split through torchvision + ``DataLoader``.
 
     Args:
-        data_dir: an ImageFolder split (``<root>/<class>/<image>``) or an :class:`ImageList`.
+        source: an ImageFolder split (:class:`ImageList`).
         aug: augmentation parameters.
-        batch_size: images per batch per rank (each image gives two views).
-        device: where batches are delivered; pinned memory is used when it is CUDA.
-        workers: DataLoader worker processes (0 decodes in the main process).
-        channels_last: deliver views in ``torch.channels_last`` memory format.
-        seed, rank, world_size: order and sharding (see :mod:`pipeline.sampling`).
-        dtype: dtype of the delivered views (float32; float16/bfloat16 halves the copy).
-        prefetch: batches prefetched per worker.
+        feed: batch size per rank, device (pinned memory when it is CUDA), ``workers`` DataLoader
+            worker processes (0 decodes in the main process), layout, dtype, seed, rank and world
+            size (see :mod:`pipeline.sampling`); ``prefetch`` batches per worker (default 2).
 
     Raises:
-        FileNotFoundError, ValueError: from :func:`pipeline.imagefolder.scan_image_folder`.
-        ValueError: batch size larger than this rank's shard; bad rank / world size.
+        ValueError: batch size larger than this rank's shard; a source that is not a split.
     """
 
-    def __init__(self, data_dir, aug: AugmentConfig, batch_size: int, device: torch.device | str = "cpu",
-                 workers: int = 2, channels_last: bool = False, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, dtype: torch.dtype = torch.float32, prefetch: int = 2):
-        self.images = data_dir if isinstance(data_dir, ImageList) else scan_image_folder(data_dir)
-        self.device, self.channels_last, self.dtype = torch.device(device), channels_last, dtype
-        self.batch_size, self.aug = batch_size, aug
-        self.sampler = EpochSampler(len(self.images), seed, rank, world_size)
+    name = "torch"
+
+    def __init__(self, source, aug: AugmentConfig, feed: Feed):
+        super().__init__(image_list(source, self.name), aug, feed)
+        self.images = self.source
+        self.sampler = EpochSampler(self.images, feed.seed, feed.rank, feed.world_size)
         self.num_samples = self.sampler.shard
-        self._len = check_batch_size(batch_size, self.num_samples, f"shard {rank} of {self.images.root}")
+        self._len = check_batch_size(feed.batch_size, self.num_samples, f"shard {feed.rank} of {self.images.root}")
+        workers = feed.workers
         self.loader = DataLoader(
-            TwoViewDataset(self.images, aug, seed), batch_size=batch_size, sampler=self.sampler,
+            TwoViewDataset(self.images, aug, feed.seed), batch_size=feed.batch_size, sampler=self.sampler,
             num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=True,
-            persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
+            persistent_workers=workers > 0, prefetch_factor=feed.prefetch_or(2) if workers > 0 else None,
         )
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -133,11 +128,8 @@ class TorchLoader:
         Raises:
             ValueError: ``start`` outside ``0..len(self)``.
         """
-        self.sampler.epoch = epoch
-        self.sampler.skip = check_start(start, self._len) * self.batch_size
-
-    def __len__(self) -> int:
-        return self._len
+        super().set_epoch(epoch, start)
+        self.sampler.epoch, self.sampler.skip = epoch, self.start * self.batch_size
 
     def __iter__(self):
         for v1, v2_, label in self.loader:

@@ -20,7 +20,7 @@ Pitfalls this module avoids (see ``shared/DESIGN.md``): ``NormalizeImage`` after
 makes ``Loader()`` loop forever on CPU (libffcv/ffcv#396), so FFCV never normalises here;
 ``ToDevice('cuda')`` without a GPU is a driver error, so it is only added for CUDA devices; FFCV
 changes the caller's torch thread count on import and every epoch, and corrupts numba's type
-registry, both undone by :mod:`pipeline.ffcv_runtime`. FFCV compiles its pipeline with numba on
+registry, both undone by :mod:`pipeline.backends.ffcv.runtime`. FFCV compiles its pipeline with numba on
 the first batch of each loader (20–50 s on this 2-core machine); the loader says so once.
 
 Order and shards: the sample order is ours, not FFCV's: a traversal order handed to FFCV's
@@ -56,14 +56,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import AugmentConfig
-from .batch import TwoViewBatch
-from .device import to_training_layout
-from .ffcv_runtime import import_ffcv, torch_threads_kept
-from .gpu_augment import GpuAugment
-from .imagefolder import ImageList, scan_image_folder
-from .imagefolder import cache_dir as project_cache_dir
-from .sampling import check_batch_size, check_start, epoch_seed, shard_order, shard_size
+from ...augment import AugmentConfig
+from ...batch import TwoViewBatch
+from ...device import to_training_layout
+from ...feed import Feed
+from ...gpu_augment import GpuAugment
+from ...sampling import check_batch_size, epoch_seed, shard_order, shard_size
+from ...sources.imagefolder import ImageList
+from ...sources.imagefolder import cache_dir as project_cache_dir
+from ..base import Backend, image_list
+from .runtime import import_ffcv, torch_threads_kept
 
 ORDERS = ("random", "quasi_random", "sequential")
 
@@ -76,7 +78,7 @@ def default_beton_path(images: ImageList, write_options: dict, cache_dir: str | 
     split's parent folder is not writable, or ``cache_dir`` is given, the file goes there instead
     (default fallback ``$XDG_CACHE_HOME/simsiam-fast/ffcv``).
     """
-    from .ffcv_write import file_list_fingerprint
+    from .write import file_list_fingerprint
 
     key = hashlib.sha1((file_list_fingerprint(images) + json.dumps(write_options, sort_keys=True)).encode())
     root = Path(images.root)
@@ -142,22 +144,18 @@ def _stop(it) -> None:
     it.close()
 
 
-class FfcvLoader:
+class FfcvLoader(Backend):
     """Two-view batches from an FFCV ``.beton`` (written on demand from an ImageFolder split).
 
     Args:
-        data_dir: a ``.beton`` file, an ImageFolder split folder, or an :class:`ImageList`. A
-            split is written once to :func:`default_beton_path` (with progress) and reused.
+        source: an ImageFolder split (:class:`ImageList`; written once to
+            :func:`default_beton_path` with progress, then reused) or the path of a ``.beton``.
         aug: augmentation parameters (view size, crop, flip; the colour stage's parameters).
-        batch_size: images per batch per rank (each image gives two views).
-        device: training device; views, labels arrive there. CUDA adds FFCV's ``ToDevice``.
-        workers: FFCV decoding threads (numba; < 1: all cores).
-        channels_last: deliver views in ``torch.channels_last`` memory format.
-        seed: order and colour-stage seed.
-        rank, world_size: this process's shard (see :mod:`pipeline.sampling`); plain integers,
-            e.g. torchrun's RANK and WORLD_SIZE.
-        dtype: dtype of the delivered views.
-        prefetch: FFCV ``batches_ahead``.
+        feed: batch size per rank; training ``device`` (views and labels arrive there; CUDA adds
+            FFCV's ``ToDevice``); ``workers`` FFCV decoding threads (numba; < 1: all cores);
+            layout; dtype; seed of the order and the colour stage; rank and world size (this
+            process's shard, see :mod:`pipeline.sampling`; plain integers, e.g. torchrun's RANK and
+            WORLD_SIZE); ``prefetch``, FFCV's ``batches_ahead`` (default 3).
         beton: explicit ``.beton`` path (overrides the cache path for a split / ImageList).
         order: ``random`` (default: :func:`~pipeline.sampling.shard_order`, as every loader),
             ``sequential`` (the same shards in file order) or ``quasi_random`` (FFCV's page-wise
@@ -165,7 +163,7 @@ class FfcvLoader:
         os_cache: let the OS page cache hold the file (FFCV default); False: FFCV's own cache.
         cache_dir: folder for written ``.beton`` files (default next to the split).
         max_resolution, jpeg_quality, write_mode: writer options when a split must be written
-            (see :func:`pipeline.ffcv_write.write_beton`).
+            (see :func:`pipeline.backends.ffcv.write.write_beton`).
 
     Attributes:
         batch_size, num_samples (images this rank reads per epoch), beton (path), images (the
@@ -176,14 +174,13 @@ class FfcvLoader:
     Raises:
         ValueError: unknown ``order``; ``quasi_random`` with ``world_size > 1``; bad rank /
             world size; batch larger than the shard (all before anything is compiled).
-        pipeline.ffcv_write.BetonError: missing, truncated or wrongly-fielded ``.beton``.
+        pipeline.backends.ffcv.write.BetonError: missing, truncated or wrongly-fielded ``.beton``.
     """
 
-    def __init__(self, data_dir=None, aug: AugmentConfig | None = None, batch_size: int = 256,
-                 device: torch.device | str = "cpu", workers: int = 2, channels_last: bool = False,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32,
-                 prefetch: int = 3, beton: str | os.PathLike | None = None, order: str = "random",
-                 os_cache: bool = True, cache_dir: str | os.PathLike | None = None,
+    name = "ffcv"
+
+    def __init__(self, source, aug: AugmentConfig, feed: Feed, beton: str | os.PathLike | None = None,
+                 order: str = "random", os_cache: bool = True, cache_dir: str | os.PathLike | None = None,
                  max_resolution: int | None = None, jpeg_quality: int = 90, write_mode: str = "raw"):
         import_ffcv()
         from ffcv.fields.basics import IntDecoder
@@ -192,27 +189,19 @@ class FfcvLoader:
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 
-        from .ffcv_write import check_beton, write_beton
+        from .write import check_beton, write_beton
 
         if order not in ORDERS:
             raise ValueError(f"order {order!r} is not one of {', '.join(ORDERS)}")
-        shard_size(0, rank, world_size)  # checks rank and world size before any work
-        if world_size > 1 and order == "quasi_random":
+        if feed.world_size > 1 and order == "quasi_random":
             raise ValueError("order='quasi_random' is FFCV's own order for one process; with world size "
-                             f"{world_size} use order='random' (the shared sharded order)")
-        self.aug = aug or AugmentConfig()
-        self.device, self.channels_last, self.dtype = torch.device(device), channels_last, dtype
-        self.batch_size, self.seed, self.order = batch_size, seed, order
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start = 0, 0
-        self.images: ImageList | None = None
-
-        if beton is None and isinstance(data_dir, (str, os.PathLike)) and str(data_dir).endswith(".beton"):
-            beton = data_dir
-        elif data_dir is not None and not (isinstance(data_dir, (str, os.PathLike)) and str(data_dir).endswith(".beton")):
-            self.images = data_dir if isinstance(data_dir, ImageList) else scan_image_folder(data_dir)
-        if beton is None and self.images is None:
-            raise ValueError("FfcvLoader needs data_dir (a split folder, an ImageList or a .beton) or beton=")
+                             f"{feed.world_size} use order='random' (the shared sharded order)")
+        is_beton = isinstance(source, (str, os.PathLike)) and str(source).endswith(".beton")
+        super().__init__(source if is_beton else image_list(source, self.name), aug, feed)
+        self.order = order
+        self.images: ImageList | None = None if is_beton else self.source
+        if is_beton and beton is None:
+            beton = source
         if self.images is not None:
             opts = {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality, "write_mode": write_mode}
             beton = Path(beton) if beton is not None else default_beton_path(self.images, opts, cache_dir)
@@ -224,10 +213,11 @@ class FfcvLoader:
         if self.images is not None and stored_labels != self.images.labels:
             raise ValueError(f"{self.beton} holds {reader.num_samples} images whose labels differ from the "
                              f"{len(self.images)} of {self.images.root}; delete it or rewrite it with "
-                             f"python -m pipeline.ffcv_write --overwrite")
+                             f"python -m pipeline.backends.ffcv.write --overwrite")
         self.num_stored = reader.num_samples
-        self.num_samples = shard_size(self.num_stored, rank, world_size)
-        self._len = check_batch_size(batch_size, self.num_samples, f"rank {rank}'s shard of {self.beton}")
+        self.num_samples = shard_size(self.num_stored, self.rank, self.world_size)
+        self._len = check_batch_size(self.batch_size, self.num_samples, f"rank {self.rank}'s shard of {self.beton}")
+        batch_size, workers, seed = self.batch_size, feed.workers, self.seed
 
         s = self.aug.size
 
@@ -242,7 +232,7 @@ class FfcvLoader:
         with torch_threads_kept():
             self.loader = Loader(
                 str(self.beton), batch_size=batch_size, num_workers=workers, os_cache=os_cache,
-                order=_shard_traversal(self), seed=seed, drop_last=True, batches_ahead=prefetch,
+                order=_shard_traversal(self), seed=seed, drop_last=True, batches_ahead=feed.prefetch_or(3),
                 pipelines={"image": view_ops(), "label": [IntDecoder(), ToTensor()],
                            "image2": PipelineSpec("image", transforms=view_ops())},
             )
@@ -277,19 +267,6 @@ class FfcvLoader:
             ids = np.asarray(shard_order(self.num_stored, self.seed, epoch, self.rank, self.world_size,
                                          shuffle=self.order == "random"), dtype=np.int64)
         return ids[start * self.batch_size:self._len * self.batch_size].astype(np.uint64)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select epoch ``epoch``'s order and colour draws and skip its first ``start`` batches:
-        iteration then yields batches ``start..len(self)-1`` of that epoch (same images, order and
-        colour draws as an uninterrupted epoch). The setting holds until the next call.
-
-        Raises:
-            ValueError: ``start`` outside ``0..len(self)``.
-        """
-        self.epoch, self.start = epoch, check_start(start, self._len)
-
-    def __len__(self) -> int:
-        return self._len
 
     def __iter__(self):
         epoch, start = self.epoch, self.start

@@ -1,6 +1,6 @@
-"""``--loader dali``: NVIDIA DALI behind the loader interface of :mod:`pipeline.torch_loader`.
+"""``--loader dali``: NVIDIA DALI behind the loader interface of :mod:`pipeline.backends.torch.loader`.
 
-Each image is decoded once and augmented twice (:mod:`pipeline.dali_pipeline`). What this
+Each image is decoded once and augmented twice (:mod:`pipeline.backends.dali.graph`). What this
 module adds around the graph:
 
 - **Device choice, in one place** (:func:`dali_placement`): a CUDA training device → nvJPEG
@@ -24,9 +24,9 @@ module adds around the graph:
   output batch to torch by DLPack, and DALI does not reuse that memory while torch holds a
   reference (without it, the iterator copies into fresh ``torch.empty`` tensors), so a batch
   kept by the training loop is never overwritten (tested in ``tests/test_dali_loader.py``).
-- **Bad files**: the same :class:`~pipeline.imagefolder.ImageList` as the torch loader, so files PIL
+- **Bad files**: the same :class:`~pipeline.sources.imagefolder.ImageList` as the torch loader, so files PIL
   cannot decode never reach DALI. Files PIL decodes but DALI does not (a GIF named ``.jpg``, see
-  :mod:`pipeline.formats`) are read from lossless PNG copies of PIL's pixels, made before the
+  :mod:`pipeline.sources.formats`) are read from lossless PNG copies of PIL's pixels, made before the
   first step and announced in a warning, so DALI trains on the same images as the other loaders.
   A file that still fails in DALI (changed after the scan) stops the epoch with a
   :class:`DaliDecodeError` that names the file (never a hang).
@@ -43,13 +43,14 @@ import torch
 from nvidia.dali import backend as dali_backend
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .augment import AugmentConfig
-from .batch import TwoViewBatch
-from .dali_pipeline import READER, first_undecodable, simsiam_pipeline
-from .device import to_training_layout
-from .formats import dali_sources
-from .imagefolder import ImageList, scan_image_folder
-from .sampling import check_batch_size, check_start, epoch_seed, shard_order, shard_size
+from ...augment import AugmentConfig
+from ...batch import TwoViewBatch
+from ...device import to_training_layout
+from ...feed import Feed
+from ...sampling import check_batch_size, epoch_seed
+from ..base import Backend, image_list
+from .graph import READER, first_undecodable, simsiam_pipeline
+from .png_copies import dali_sources
 
 
 class DaliDecodeError(ValueError):
@@ -92,53 +93,49 @@ def _is_input_error(exc: Exception) -> bool:
     return "fn.decoders.image" in str(exc) or "fn.readers.file" in str(exc)
 
 
-class DaliLoader:
+class DaliLoader(Backend):
     """Two-view batches from an ImageFolder split through an NVIDIA DALI pipeline.
 
     Args:
-        data_dir: an ImageFolder split (``<root>/<class>/<image>``) or an :class:`ImageList`
-            (labels are its ``class_to_idx``, identical to the torch loader's).
+        source: an ImageFolder split (:class:`ImageList`; labels are its ``class_to_idx``,
+            identical to the torch loader's).
         aug: augmentation parameters.
-        batch_size: images per batch per rank (each image gives two views).
-        device: where batches are delivered and, for CUDA, where DALI decodes and augments.
-        workers: DALI CPU threads (``num_threads``; 0 is treated as 1).
-        channels_last: deliver views as ``channels_last``: DALI writes NHWC and the loader returns
-            the NCHW permutation of it (a view, no copy).
-        seed, rank, world_size: order and sharding (see :mod:`pipeline.sampling`): rank ``r``
-            reads shard ``r`` of ``world_size`` disjoint shards; ``device`` is the local GPU.
-        dtype: ``torch.float32`` or ``torch.float16`` are written by DALI directly; other dtypes
-            are cast after DALI.
-        prefetch: DALI ``prefetch_queue_depth``: batches computed ahead (2 is DALI's documented
+        feed: batch size per rank; ``device`` where batches are delivered and, for CUDA, where
+            DALI decodes and augments; ``workers`` DALI CPU threads (``num_threads``; 0 is treated
+            as 1); ``channels_last`` (DALI writes NHWC and the loader returns the NCHW permutation
+            of it, a view, no copy); seed, rank, world size (see :mod:`pipeline.sampling`: rank
+            ``r`` reads shard ``r`` of ``world_size`` disjoint shards; ``device`` is the local GPU);
+            ``dtype`` (float32 and float16 are written by DALI directly; others are cast after
+            DALI); ``prefetch``, DALI's ``prefetch_queue_depth`` (default 2, DALI's documented
             default; on a GPU each extra batch holds two views of GPU memory).
         cpu_decode: decode on the CPU even when ``device`` is a GPU (ops still on the GPU). With a
             CPU ``device`` everything already runs on the CPU: a warning says the option does nothing.
         hw_decoder_load: GPU (``mixed``) decoding only: the share of images for the hardware JPEG
-            decoder, in [0, 1] (None: ``MIXED_DECODER_ARGS``'s; see :mod:`pipeline.dali_pipeline`).
+            decoder, in [0, 1] (None: ``MIXED_DECODER_ARGS``'s; see :mod:`pipeline.backends.dali.graph`).
 
     Yields:
         :class:`TwoViewBatch`: views ``(B, 3, S, S)``, label ``(B,)`` int64, all on ``device``.
 
     Attributes:
         paths: per sample of ``images``, the file DALI reads (the sample, or its PNG copy).
-        converted: ``(path, kind)`` of the samples read from a PNG copy (see :mod:`pipeline.formats`).
+        converted: ``(path, kind)`` of the samples read from a PNG copy (see :mod:`pipeline.sources.formats`).
 
     Warns:
         UserWarning: some files are read from PNG copies (names the first few and the count).
 
     Raises:
-        FileNotFoundError, ValueError: from :func:`pipeline.imagefolder.scan_image_folder`.
-        ValueError: batch size larger than this rank's shard; bad rank / world size; a CUDA
-            ``device`` DALI cannot see (see :func:`dali_placement`); ``hw_decoder_load`` outside [0, 1].
+        ValueError: a source that is not an ImageFolder split; batch size larger than this rank's
+            shard; bad rank / world size; a CUDA ``device`` DALI cannot see (see :func:`dali_placement`); ``hw_decoder_load`` outside [0, 1].
         OSError: a PNG copy cannot be written.
         DaliDecodeError: (while iterating) DALI could not decode a file; the message names it.
     """
 
-    def __init__(self, data_dir, aug: AugmentConfig, batch_size: int, device: torch.device | str = "cpu",
-                 workers: int = 2, channels_last: bool = False, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, dtype: torch.dtype = torch.float32, prefetch: int = 2,
-                 cpu_decode: bool = False, hw_decoder_load: float | None = None):
-        self.images = data_dir if isinstance(data_dir, ImageList) else scan_image_folder(data_dir)
-        self.device, self.channels_last, self.dtype = torch.device(device), channels_last, dtype
+    name = "dali"
+
+    def __init__(self, source, aug: AugmentConfig, feed: Feed, cpu_decode: bool = False,
+                 hw_decoder_load: float | None = None):
+        super().__init__(image_list(source, self.name), aug, feed)
+        self.images = self.source
         self.device_id, self.decode_device, self.op_device = dali_placement(self.device, cpu_decode)
         if cpu_decode and self.device.type == "cpu":
             warnings.warn("--dali-cpu-decode does nothing without a GPU: DALI already decodes and augments on the "
@@ -146,12 +143,9 @@ class DaliLoader:
         if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
             raise ValueError(f"hw_decoder_load must be a share in [0, 1], got {hw_decoder_load}")
         self.hw_decoder_load = hw_decoder_load
-        self.batch_size, self.aug = batch_size, aug
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.workers, self.prefetch = max(1, workers), max(1, prefetch)
-        self.num_samples = shard_size(len(self.images), rank, world_size)
-        self._len = check_batch_size(batch_size, self.num_samples, f"shard {rank} of {self.images.root}")
-        self.epoch, self.start = 0, 0
+        self.workers, self.prefetch = max(1, feed.workers), feed.prefetch_or(2)
+        self.num_samples = len(self.images) // self.world_size
+        self._len = check_batch_size(self.batch_size, self.num_samples, f"shard {self.rank} of {self.images.root}")
         self.paths, self.converted = dali_sources(self.images)
         if self.converted:
             kinds = sorted({k for _, k in self.converted})
@@ -161,22 +155,10 @@ class DaliLoader:
                           f"({', '.join(kinds)}); it reads lossless PNG copies of them made with PIL: "
                           f"{names}{more}", stacklevel=2)
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select epoch ``epoch``'s order (deterministic from the seed) and skip its first
-        ``start`` batches: iteration then yields batches ``start..len(self)-1`` of that epoch.
-
-        Raises:
-            ValueError: ``start`` outside ``0..len(self)``.
-        """
-        self.epoch, self.start = epoch, check_start(start, self._len)
-
-    def __len__(self) -> int:
-        return self._len
-
     def epoch_files(self, epoch: int, start: int = 0) -> tuple[list[str], list[int]]:
         """Files (as DALI reads them, see ``paths``) and labels of batches ``start..len(self)-1`` of
         ``epoch`` on this rank, in order: ``(len(self) - start) * batch_size`` of them."""
-        order = shard_order(len(self.images), self.seed, epoch, self.rank, self.world_size)
+        order = self.images.epoch_indices(self.seed, epoch, self.rank, self.world_size)
         order = order[start * self.batch_size:self._len * self.batch_size]
         return [self.paths[i] for i in order], [self.images.samples[i][1] for i in order]
 

@@ -1,0 +1,1 @@
+"""The shard writer: ``python -m pipeline.shards write SRC OUT`` (see :mod:`.write`)."""
