@@ -15,6 +15,9 @@ reproduces Fashion-MNIST's label numbers. The folder is built beside ``OUT`` and
 place when complete, so an interrupted run leaves no half data set; running again on a complete
 folder does nothing.
 
+Progress: a tqdm bar per split when stderr is a terminal; otherwise (``make train > log``) one
+line per split when it is written, as the training loop prints one line per epoch.
+
 Command line: ``python -m pipeline.datasets [--out data/fashion-mnist] [--src DIR]``.
 """
 from __future__ import annotations
@@ -25,6 +28,8 @@ import json
 import os
 import shutil
 import struct
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +80,13 @@ def prepare_fashion_mnist(out: str | os.PathLike, src: str | os.PathLike = DEBIA
                           quality: int = 95, progress: bool = True) -> Path:
     """Write Fashion-MNIST as an ImageFolder of RGB JPEGs under ``out`` (idempotent).
 
+    Args:
+        out: the ImageFolder root to create (``train/`` and ``val/`` under it).
+        src: folder with the IDX files (``.gz`` or not).
+        quality: JPEG quality.
+        progress: report progress on stderr: a bar per split when stderr is a terminal, else
+            one line per split once it is written (a log file gets lines, not bar refreshes).
+
     Returns:
         ``Path(out)``.
 
@@ -97,14 +109,18 @@ def prepare_fashion_mnist(out: str | os.PathLike, src: str | os.PathLike = DEBIA
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     counts = {}
+    show_bar = progress and sys.stderr.isatty()
     for split, (images, labels) in arrays.items():
         for k, name in enumerate(CLASSES):
             (tmp / split / f"{k}_{name}").mkdir(parents=True)
-        for i in tqdm(range(len(images)), desc=f"writing {split} JPEGs", disable=not progress, unit="img"):
+        t0 = time.time()
+        for i in tqdm(range(len(images)), desc=f"writing {split} JPEGs", disable=not show_bar, unit="img"):
             k = int(labels[i])
             Image.fromarray(images[i], mode="L").convert("RGB").save(
                 tmp / split / f"{k}_{CLASSES[k]}" / f"{i:05d}.jpg", quality=quality)
         counts[split] = len(images)
+        if progress and not show_bar:
+            print(f"wrote {len(images)} {split} JPEGs in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     (tmp / _MARKER).write_text(json.dumps({"source": str(src), "counts": counts, "quality": quality}))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():

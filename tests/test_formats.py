@@ -1,4 +1,4 @@
-"""What DALI decodes as PIL does (pipeline/formats.py), checked by decoding with DALI's CPU decoder.
+"""What DALI decodes as PIL does (pipeline/sources/formats.py), checked by decoding with DALI's CPU decoder.
 
 Every kind in ``DALI_KINDS`` is written from a real photo and decoded by DALI to the pixels of
 ``load_rgb`` (EXIF orientation included); the kinds left out are shown to fail or differ in DALI,

@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from ...sources.imagefolder import ORIENTATION, ImageList, oriented, scan_image_folder, to_rgb
-from .runtime import import_ffcv, torch_threads_kept
+from .runtime import import_ffcv, torch_threads_kept, writer_bar
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 """FFCV ``RGBImageField`` write modes (docs.ffcv.io, "Writing a dataset"): ``raw`` stores pixels,
@@ -170,7 +170,8 @@ def write_beton(images: ImageList | str | os.PathLike, out: str | os.PathLike, *
         num_workers: writer processes (-1: all cores).
         chunksize: samples per work item of a writer process.
         overwrite: replace an existing ``out``; otherwise it is refused.
-        progress: FFCV's tqdm bar (always shown by FFCV; ``False`` only silences our lines).
+        progress: report on stderr: a line before and after the write, and FFCV's tqdm bar
+            when stderr is a terminal (in a log file the bar's refreshes are left out).
 
     Returns:
         ``Path(out)``.
@@ -215,7 +216,7 @@ def write_beton(images: ImageList | str | os.PathLike, out: str | os.PathLike, *
     }, num_workers=num_workers)
     t0 = time.time()
     try:
-        with torch_threads_kept():
+        with torch_threads_kept(), writer_bar(progress and sys.stderr.isatty()):
             writer.from_indexed_dataset(dataset, chunksize=chunksize)
         mp.active_children()  # reaps FFCV's finished writer processes, which it never joins (zombies otherwise)
         if dataset.failed.value >= 0:
