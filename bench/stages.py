@@ -64,6 +64,7 @@ class Settings:
     memory_ceiling_mb: float | None = None
     budget_s: float | None = None
     images: ImageList | None = None
+    sources: dict = field(default_factory=dict)  # other sources named by a loader spec's data=PATH
     clock: Callable[[], float] = time.perf_counter
     sync_bn_kind: str = field(default="none")
     threads: int = field(default_factory=torch.get_num_threads)
@@ -121,9 +122,13 @@ class TimedIter:
 
 
 LOADER_OPTIONS = {
-    "dali": {"cpu_decode": bool, "prefetch": int, "hw_decoder_load": float},
-    "ffcv": {"os_cache": bool, "order": str, "write_mode": str, "prefetch": int, "max_resolution": int},
+    "torch": {"data": str},
+    "torchvision-gpu": {"data": str},
+    "dali": {"cpu_decode": bool, "prefetch": int, "hw_decoder_load": float, "data": str},
+    "ffcv": {"os_cache": bool, "order": str, "write_mode": str, "prefetch": int, "max_resolution": int, "data": str},
 }
+"""Options a loader spec may carry. ``data=PATH`` reads another source than ``--data`` (e.g. the same
+images as tar shards: ``torch:data=data/fashion-mnist-shards``), opened like ``--data``."""
 
 
 def _option_value(kind: type, text: str):
@@ -169,7 +174,8 @@ def make_loader(spec: str, batch: int, s: Settings):
     common = dict(batch_size=batch, device=s.device, channels_last=s.channels_last, seed=s.seed, dtype=s.view_dtype)
     if name == "synthetic":
         return build_loader("synthetic", num_samples=batch * 1_000_000, size=s.image_size, pool=1, **common)
-    return build_loader(name, source=s.images, aug=recipe(s.image_size), workers=s.workers, rank=s.rank,
+    source = s.sources[options.pop("data")] if "data" in options else s.images
+    return build_loader(name, source=source, aug=recipe(s.image_size), workers=s.workers, rank=s.rank,
                         world_size=s.world_size, **common, **options)
 
 

@@ -41,7 +41,9 @@ from model.backbones import ARCHS  # noqa: E402
 from model.precision import AMP_MODES  # noqa: E402
 from pipeline import LOADERS  # noqa: E402
 from model.distributed import DistContext, destroy, init_from_env, launched_by_torchrun  # noqa: E402
-from pipeline.sources.imagefolder import ImageList, scan_image_folder  # noqa: E402
+from pipeline.sources import open_source  # noqa: E402
+from pipeline.sources.imagefolder import scan_image_folder  # noqa: E402
+from pipeline.sources.shards import is_shard_spec  # noqa: E402
 
 DEFAULT_DATA = "data/fashion-mnist"
 REAL_LOADERS = ("torch", "dali", "ffcv", "torchvision-gpu")
@@ -163,12 +165,16 @@ def resolve(args: argparse.Namespace, device: torch.device, world_size: int = 1)
     return args
 
 
-def bench_images(data: str, num_images: int, seed: int) -> ImageList:
-    """The images every loader reads: a seeded subset of ``num_images`` of the split under ``data``.
+def bench_images(data: str, num_images: int, seed: int):
+    """The images every loader reads: ``num_images`` of the train split under ``data``.
 
-    ``data`` is an ImageFolder root with ``train/`` (used) or a split folder itself; the default
-    Fashion-MNIST folder is prepared (``pipeline.datasets``) when missing.
+    ``data`` is an ImageFolder root with ``train/`` (used) or a split folder itself (a seeded
+    subset), or tar shards (the writer's folder, an index, a pattern: the first ``num_images``
+    samples, which the writer shuffled); the default Fashion-MNIST folder is prepared
+    (``pipeline.datasets``) when missing.
     """
+    if is_shard_spec(data):
+        return open_source(data, "train").subset(num_images, seed)
     root = Path(data)
     if data == DEFAULT_DATA and not (root / "train").exists():
         from pipeline.datasets import prepare_fashion_mnist
@@ -391,6 +397,10 @@ def _run(args: argparse.Namespace, ctx: DistContext, t_start: float) -> dict:
                 raise ValueError(f"unknown loader {name!r}; choose from {', '.join(sorted(known))}")
         s.images = bench_images(args.data, args.num_images, args.seed)
         for spec in specs:
+            other = parse_loader_spec(spec)[1].get("data")
+            if other is not None and other not in s.sources:
+                s.sources[other] = bench_images(other, args.num_images, args.seed)
+        for spec in specs:
             why = probe_loader(spec, s, min(batches[0], len(s.images)))
             if why is None:
                 loaders.append(spec)
@@ -403,7 +413,8 @@ def _run(args: argparse.Namespace, ctx: DistContext, t_start: float) -> dict:
                                             "batch_sizes", "stages", "quick", "seed", "max_spread", "remeasure",
                                             "e2e_tolerance", "time_limit_s", "reference")}
     config.update(device=str(device), world_size=ctx.world_size, num_images=len(s.images) if s.images is not None else None,
-                  data=s.images.root if s.images is not None else None, loaders=loaders, unavailable=unavailable)
+                  data=str(getattr(s.images, "root", s.images)) if s.images is not None else None, loaders=loaders,
+                  unavailable=unavailable)
     reference = load_reference(args.reference, config) if args.reference else []
     warnings_ = [w for w in [load_warning(env["loadavg"][0] if env["loadavg"] else None, usable_cores())] if w]
     ranks = f" | {ctx.world_size} ranks ({ctx.backend})" if ctx.distributed else ""

@@ -126,12 +126,12 @@ def test_front_page_is_short_and_keeps_its_two_commands():
     assert "make test" in (REPO / ".ci" / "run").read_text()  # CI runs the README's test command
 
 
-SCRIPT = re.compile(r"(?:(python\d?)\s+)?(?:-m\s+(pipeline\.\w+)|((?:bench/)?[\w-]+\.(?:py|sh)))(?=\s|$)")
+SCRIPT = re.compile(r"(?:(python\d?)\s+)?(?:-m\s+(pipeline(?:\.\w+)+)|((?:bench/)?[\w-]+\.(?:py|sh)))(?=\s|$)")
 OPTION = re.compile(r"--[a-z][a-z0-9-]*")
 
 
 def commands() -> list[tuple[str, str, list[str]]]:
-    """(page, script, options) for each project command a page shows: ``python -m pipeline.X``,
+    """(page, script, options) for each project command a page shows: ``python -m pipeline.X[.Y]``,
     ``bench/X.py`` or ``bench/X.sh``, and a top-level ``X.py`` that is run with ``python`` or exists
     (a bare name such as the official ``main_lincls.py`` is a reference, not a command)."""
     out = []
@@ -142,8 +142,10 @@ def commands() -> list[tuple[str, str, list[str]]]:
                 if m.start() > 0 and not code[m.start() - 1].isspace():
                     continue  # part of a longer path, e.g. model/lars.py
                 python, module, path = m.groups()
-                if module:
+                if module:  # a module, or a package run through its __main__.py
                     script = module.replace(".", "/") + ".py"
+                    if not (REPO / script).exists() and (REPO / module.replace(".", "/") / "__main__.py").exists():
+                        script = module.replace(".", "/") + "/__main__.py"
                 elif path.startswith("bench/") or python or (REPO / path).is_file():
                     script = path
                 else:

@@ -359,3 +359,16 @@ def test_two_nodes_read_disjoint_samples_and_write_one_checkpoint(unequal, tmp_p
     a, b = ((keys / f"epoch1-rank{r}.txt").read_text().split() for r in range(2))
     assert len(a) == len(b) == 60 // 20 * 10 and not set(a) & set(b)
     assert sorted(p.name for p in out.glob("checkpoint*.pth")) == ["checkpoint.pth"]
+
+
+def test_a_benchmark_loader_spec_reads_shards_beside_the_imagefolder(unequal, small):
+    from bench.stages import Settings, make_loader, parse_loader_spec
+    from bench.throughput import bench_images
+
+    assert parse_loader_spec(f"torch:data={unequal.parent}") == ("torch", {"data": str(unequal.parent)})
+    s = Settings(device=torch.device("cpu"), image_size=8, workers=2)
+    s.images = bench_images(str(small), 40, 0)
+    s.sources[str(unequal.parent)] = bench_images(str(unequal.parent), 40, 0)
+    files, shards = make_loader("torch", 4, s), make_loader(f"torch:data={unequal.parent}", 4, s)
+    assert type(files).__name__ == "TorchLoader" and type(shards).__name__ == "TorchShardLoader"
+    assert len(files) == len(shards) == 10

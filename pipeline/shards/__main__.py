@@ -32,6 +32,7 @@ def main(argv=None) -> int:
                    help="ranks the shards will feed (for the shard-count advice; default: GPUs here, or 1)")
     w.add_argument("--workers", type=int, default=2, help="loader workers per rank (for the shard-count advice)")
     w.add_argument("--overwrite", action="store_true", help="write a split again although its index exists")
+    p.epilog = w.format_help()  # the whole manual in one --help
     args = p.parse_args(argv)
     try:
         reports = write_shards(args.src, args.out, args.shard_size, args.seed, args.jobs, args.on_bad_image,
