@@ -32,6 +32,7 @@ from model.backbones import ARCHS, backbone_state_dict
 from model.checkpoint import CheckpointError, load_checkpoint, load_latest, save_atomic, save_checkpoint
 from model.distributed import DistContext, destroy, init_from_env
 from model.evaluate import extract_features, knn_top1, linear_probe_top1
+from model.host_memory import keep_freed_memory
 from model.interrupt import GracefulStop, TrainingInterrupted
 from model.collapse import CollapseDetector
 from model.loss import SIMILARITIES, SimSiamLoss
@@ -270,6 +271,7 @@ def pixel_baseline(bank: EvalImages, queries: EvalImages, args, ctx: DistContext
 def main(argv=None) -> dict:
     """Parse ``argv``, join the process group (under torchrun), train, leave the group."""
     args = parse_args(argv)
+    keep_freed_memory()  # a CPU step's buffers are not faulted in again every step (model/host_memory.py)
     ctx = init_from_env(args.device)
     try:
         return train(args, ctx)
@@ -294,11 +296,6 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
     out = Path(args.out) if args.out else (Path(args.resume).parent if args.resume else None)
     if out is None:
         out = Path("runs") / ctx.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not args.resume or not (out / "skipped.txt").exists():
-            (out / "skipped.txt").write_text("")  # its presence says the check ran; bad shard samples are appended
-    ctx.barrier()
 
     # 2. Data: prepare the default data set, open the splits (an ImageFolder is scanned once per node;
     #    shards are named by an index or a pattern, nothing is read), build the two-view loader.
@@ -351,9 +348,10 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
 
     # 5. Resume (a file, or 'auto': the newest valid checkpoint in --out), or start a new run folder.
     if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
         RUN_DIR = out
         lists = [i for i in (train_images, val_images) if isinstance(i, ImageList)]
-        if lists:
+        if lists or not args.resume or not (out / "skipped.txt").exists():  # shards: bad samples are appended
             write_skip_list(lists, out / "skipped.txt")
     state = None
     if args.resume == "auto":

@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from bench.environment import environment  # noqa: E402
 from bench.memory import default_ceiling_mb  # noqa: E402
+from model.host_memory import keep_freed_memory  # noqa: E402
 from model.profiling import DEFAULT_SCHEDULE, StepProfiler, parse_schedule  # noqa: E402
 from bench.report import plot_step_time, plot_throughput, table, write_csv, write_json  # noqa: E402
 from bench.stages import (STAGE_NAMES, STAGES, Settings, Trainer, parse_loader_spec, point_steps, sum_over_ranks,  # noqa: E402
@@ -127,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="throughput.json of an earlier run with the same model settings: its model-only points "
                         "are the ceiling for this run's end-to-end points when this run has no model stage")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed host memory in the process between steps, as train.py does (model/host_memory.py)")
     f = p.add_argument_group("profiling")
     f.add_argument("--profile", action="store_true",
                    help="also profile a few end-to-end steps at the first batch size (TensorBoard + Chrome JSON)")
@@ -360,6 +363,8 @@ class Sweep:
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark described by parsed ``args``; returns ``{"out", "rows", "env", "config", ...}``."""
     t_start = time.monotonic()
+    if args.keep_freed_memory:
+        keep_freed_memory()  # as train.py: no page faults per step from glibc returning the step's buffers
     ctx = init_from_env(args.device)
     try:
         return _run(args, ctx, t_start)
@@ -411,7 +416,7 @@ def _run(args: argparse.Namespace, ctx: DistContext, t_start: float) -> dict:
                                             "channels_last", "sync_bn", "compile", "workers", "accum", "warmup",
                                             "repeats", "min_images", "min_steps", "loader_min_steps", "budget_s", "memory_ceiling",
                                             "batch_sizes", "stages", "quick", "seed", "max_spread", "remeasure",
-                                            "e2e_tolerance", "time_limit_s", "reference")}
+                                            "e2e_tolerance", "time_limit_s", "reference", "keep_freed_memory")}
     config.update(device=str(device), world_size=ctx.world_size, num_images=len(s.images) if s.images is not None else None,
                   data=str(getattr(s.images, "root", s.images)) if s.images is not None else None, loaders=loaders,
                   unavailable=unavailable)

@@ -190,6 +190,7 @@ class TorchShardLoader(Backend):
     def _note_bad(self, bad: list[BadSample]) -> None:
         self.bad += sum(b.count for b in bad)
         if self.skip_log is not None:
+            Path(self.skip_log).parent.mkdir(parents=True, exist_ok=True)
             with open(self.skip_log, "a") as f:
                 f.write("".join(b.line() + "\n" for b in bad))
         limit = self.max_bad_fraction * self.num_samples
