@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 from .augment import AugmentConfig
 from .device import to_training_layout
 from .imagefolder import ImageList, load_rgb
+from .workers import ignore_stop_signals, stop_signals_deferred
 
 
 class _Plain(Dataset):
@@ -46,8 +47,11 @@ class EvalImages:
     def __init__(self, images: ImageList, aug: AugmentConfig, limit: int | None = None, seed: int = 0,
                  workers: int = 2):
         samples = images.subset(limit, seed).samples
-        loader = DataLoader(_Plain(samples, aug.size), batch_size=256, num_workers=workers)
-        xs, ys = zip(*[(x, y) for x, y in loader])
+        loader = DataLoader(_Plain(samples, aug.size), batch_size=256, num_workers=workers,
+                            worker_init_fn=ignore_stop_signals)  # a stop signal is the caller's (pipeline.workers)
+        with stop_signals_deferred():
+            batches = iter(loader)
+        xs, ys = zip(*[(x, y) for x, y in batches])
         self.images, self.labels = torch.cat(xs), torch.cat(ys)
         self.mean = torch.tensor(aug.mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(aug.std).view(1, 3, 1, 1) * 255

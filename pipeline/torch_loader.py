@@ -19,6 +19,7 @@ from .batch import TwoViewBatch
 from .device import to_training_layout
 from .imagefolder import ImageList, load_rgb, scan_image_folder
 from .sampling import check_batch_size, check_start, epoch_seed, shard_order, shard_size
+from .workers import ignore_stop_signals, stop_signals_deferred
 
 
 def view_transform(aug: AugmentConfig) -> v2.Compose:
@@ -123,6 +124,7 @@ class TorchLoader:
             TwoViewDataset(self.images, aug, seed), batch_size=batch_size, sampler=self.sampler,
             num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=True,
             persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals,  # a stop signal is the training process's (pipeline.workers)
         )
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -140,7 +142,9 @@ class TorchLoader:
         return self._len
 
     def __iter__(self):
-        for v1, v2_, label in self.loader:
+        with stop_signals_deferred():  # the workers start here (first epoch): see pipeline.workers
+            batches = iter(self.loader)
+        for v1, v2_, label in batches:
             yield TwoViewBatch(to_training_layout(v1, self.device, self.channels_last, self.dtype),
                                to_training_layout(v2_, self.device, self.channels_last, self.dtype),
                                label.to(self.device, non_blocking=True))
