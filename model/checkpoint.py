@@ -102,9 +102,14 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = REQUIRE
     """Load a training checkpoint on the CPU with ``weights_only=True``.
 
     Raises:
-        CheckpointError: the file is missing, damaged/truncated, or lacks ``required`` keys.
+        CheckpointError: the file is missing, a directory (the message names the ``checkpoint.pth``
+            in it, if any), damaged/truncated, or lacks ``required`` keys.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = path / CHECKPOINT
+        hint = f"; it holds {inside}: give that file" if inside.is_file() else f" and holds no {CHECKPOINT}"
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
