@@ -58,7 +58,9 @@ def free_space(path: str | os.PathLike) -> str:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def describe(exc: BaseException) -> str:
@@ -84,7 +86,7 @@ def write_failed(path: str | os.PathLike, exc: BaseException, what: str = "", ke
     message = f"could not write {what + ' ' if what else ''}{path}: {describe(exc)}"
     if err in DISK_FULL:
         room = free_space(Path(path).parent)
-        details = [f"it was full after {_mib(written)}" if written else "", room]
+        details = [f"{_mib(written)} of it fitted" if written else "", room]
         details = [d for d in details if d]
         if details:
             message += f" ({'; '.join(details)})"
