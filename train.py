@@ -15,10 +15,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import json
 import math
 import random
 import re
+import signal
 import sys
 import time
 import traceback
@@ -30,7 +32,7 @@ from tqdm import tqdm
 
 from model.backbones import ARCHS, backbone_state_dict
 from model.checkpoint import CheckpointError, load_checkpoint, load_latest, save_atomic, save_checkpoint
-from model.distributed import DistContext, destroy, init_from_env
+from model.distributed import DistContext, HostVote, destroy, init_from_env
 from model.evaluate import extract_features, knn_top1, linear_probe_top1
 from model.host_memory import keep_freed_memory
 from model.interrupt import GracefulStop, TrainingInterrupted
@@ -39,7 +41,7 @@ from model.loss import SIMILARITIES, SimSiamLoss
 from model.precision import AMP_MODES, Precision
 from model.plots import plot_run
 from model.profiling import DEFAULT_SCHEDULE, StepProfiler, parse_schedule
-from model.run_log import RunLog
+from model.run_log import RunLog, TensorBoard
 from model.simsiam import PREDICTORS
 from model.step import StatsReadback, train_step
 from model.training import build_simsiam, recipe_sgd
@@ -48,6 +50,8 @@ from pipeline.datasets import prepare_fashion_mnist
 from pipeline.eval_data import EvalImages
 from pipeline.sources import ImageList, ShardSource, open_splits
 from pipeline.sources.imagefolder import write_skip_list
+from pipeline.workers import StopSignal, stop_signals_raise
+from pipeline.writes import atomic_write_text, write_failed
 
 DEFAULT_DATA = "data/fashion-mnist"
 RUN_DIR: Path | None = None  # where error.log goes once the run folder is known
@@ -268,15 +272,31 @@ def pixel_baseline(bank: EvalImages, queries: EvalImages, args, ctx: DistContext
     return ctx.broadcast_object(scores(fb, lb, fq, lq, args) if ctx.is_main else None)
 
 
+def speaks() -> bool:
+    """Whether this process prints what every rank would print alike (a user's mistake, a stop):
+    without torchrun always; under torchrun local rank 0 of each node (rank 0 on one node)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def main(argv=None) -> dict:
-    """Parse ``argv``, join the process group (under torchrun), train, leave the group."""
-    args = parse_args(argv)
+    """Parse ``argv``, join the process group (under torchrun), train, leave the group.
+
+    Until the training loop starts (and while a ``.beton`` is written, see
+    :mod:`pipeline.workers`), SIGTERM / SIGINT raise :class:`pipeline.workers.StopSignal`: nothing
+    is trained yet, so the run stops at once; the loop then takes over (:class:`GracefulStop`).
+    """
+    if speaks():
+        args = parse_args(argv)
+    else:  # argparse's usage and error lines: once, from local rank 0
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):
+            args = parse_args(argv)
     keep_freed_memory()  # a CPU step's buffers are not faulted in again every step (model/host_memory.py)
-    ctx = init_from_env(args.device)
-    try:
-        return train(args, ctx)
-    finally:
-        destroy(ctx)
+    with stop_signals_raise():
+        ctx = init_from_env(args.device)
+        try:
+            return train(args, ctx)
+        finally:
+            destroy(ctx)
 
 
 def train(args: argparse.Namespace, ctx: DistContext) -> dict:
@@ -352,7 +372,10 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
         RUN_DIR = out
         lists = [i for i in (train_images, val_images) if isinstance(i, ImageList)]
         if lists or not args.resume or not (out / "skipped.txt").exists():  # shards: bad samples are appended
-            write_skip_list(lists, out / "skipped.txt")
+            try:
+                write_skip_list(lists, out / "skipped.txt")
+            except OSError as exc:
+                raise write_failed(out / "skipped.txt", exc, "skip list") from exc
     state = None
     if args.resume == "auto":
         found = load_latest(out)
@@ -381,10 +404,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
                 f"the rest of the epoch's order differs from the original run's")
         say(f"resumed from {resume_path} at epoch {start_epoch + 1}, step {start_step}/{steps_per_epoch}"
             if start_step else f"resumed from {resume_path} after epoch {start_epoch}")
-    writer = None
-    if ctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"))
+    writer = TensorBoard(out / "tb") if ctx.is_main else None
 
     # 6. kNN monitor on the val split (each rank decodes its slice), first on the randomly initialised model.
     bank = queries = None
@@ -409,7 +429,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
             "rng": rng_state(), "history": history, "curve": curve,
             "args": {**vars(args), "world_size": ctx.world_size}}, out)
 
-    # 7. Train: read scalars back every --log-every steps; stop cleanly on SIGTERM/SIGINT.
+    # 7. Train: read scalars back every --log-every steps, and at every checkpoint; stop cleanly on SIGTERM/SIGINT.
     log = RunLog(curve, CollapseDetector(args.dim, args.similarity), writer,
                  tqdm.write if ctx.is_main else (lambda *a, **k: None))
     save_unit, save_every = args.save_every or (None, None)
@@ -417,8 +437,15 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
     show_bar = ctx.is_main and not args.no_progress and sys.stderr.isatty()
     readback = StatsReadback(ctx)
+    vote = HostVote(ctx)  # under DDP: the step at which every rank stops or saves (a CPU exchange, no device sync)
     model.train()
     profiler = StepProfiler(out / "profile", args.profile_schedule, device, enabled=args.profile and ctx.is_main)
+    resume_hint = f"resume: the same command with --resume auto --out {out} (or --resume {out / 'checkpoint.pth'})"
+
+    def stopped(signum: float, where: str) -> TrainingInterrupted:
+        name = signal.Signals(int(signum)).name
+        return TrainingInterrupted(f"stopped by {name} {where}; checkpoint written; {resume_hint}", 128 + int(signum))
+
     with GracefulStop(announce=ctx.is_main) as stop:
         for epoch in range(start_epoch, last_epoch):
             first = start_step if epoch == start_epoch else 0
@@ -427,37 +454,38 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
             bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step",
                        disable=not show_bar, dynamic_ncols=True)
             batches = iter(loader)
-            t0, seen, halted = time.time(), 0, False
+            t0, seen, halt = time.time(), 0, 0.0
             try:
                 for step in range(first, steps_per_epoch):
                     stats = train_step(built.step_model, criterion, batches, optimizer, precision, args.accum)
                     scheduler.step()
                     profiler.step()
                     bar.update(1)
-                    readback.add(scheduler.last_epoch, stats)
+                    done = scheduler.last_epoch  # optimiser steps of the whole run so far
+                    readback.add(done, stats)
                     seen += stats.images * ctx.world_size
                     last = step == steps_per_epoch - 1
-                    halt = stop.requested and not ctx.distributed  # one process: stop at once
-                    if not (len(readback) >= args.log_every or last or halt):
+                    # Host-only checks, every step: a stop signal (its number) and the save clock. Under DDP
+                    # the ranks agree on both one step later; alone, at once.
+                    clock = save_unit == "seconds" and time.time() - last_save_time >= save_every
+                    halt, clock_step = vote.poll(stop.signum or 0, done if clock else 0)
+                    due = not last and ((save_unit == "steps" and done - last_save_step >= save_every)
+                                        or clock_step > last_save_step)
+                    if not (len(readback) >= args.log_every or last or halt or due):
                         continue
-                    rows, (agreed_stop,) = readback.read((stop.requested,))  # the loop's one host sync
-                    halt = halt or agreed_stop
+                    rows, _ = readback.read()  # the loop's one host sync (also before every checkpoint)
                     now = time.time()
                     ips = seen / max(now - t0, 1e-9)
                     log.add(rows, optimizer.param_groups[0]["lr"], ips)
                     if rows and not math.isnan(rows[-1][1]):
                         bar.set_postfix(loss=f"{rows[-1][1]:.3f}", z_std=f"{rows[-1][2]:.4f}", img_s=f"{ips:.0f}")
-                    due = save_unit is not None and (
-                        (save_unit == "steps" and scheduler.last_epoch - last_save_step >= save_every)
-                        or (save_unit == "seconds" and now - last_save_time >= save_every))
                     if (halt or due) and not last:
                         if ctx.is_main:
                             path = checkpoint(epoch, step + 1, log.snapshot(seen, now - t0))
                             if not halt:
                                 bar.write(f"checkpoint: {path} (epoch {epoch + 1}, step {step + 1})")
-                        last_save_time, last_save_step = now, scheduler.last_epoch
+                        last_save_time, last_save_step = now, done
                     if halt:
-                        halted = True
                         break
             finally:
                 bar.close()
@@ -469,10 +497,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
                 Path(args.record_keys).mkdir(parents=True, exist_ok=True)
                 (Path(args.record_keys) / f"epoch{epoch + 1}-rank{ctx.rank}.txt").write_text(
                     "".join(k + "\n" for k in getattr(loader, "keys", [])))
-            resume_hint = f"resume: the same command with --resume auto --out {out} (or --resume {out / 'checkpoint.pth'})"
-            if halted and step < steps_per_epoch - 1:
-                raise TrainingInterrupted(f"stopped by {stop.name} at epoch {epoch + 1}, step {step + 1}/"
-                                          f"{steps_per_epoch}; checkpoint written; {resume_hint}", 128 + stop.signum)
+            if halt and step < steps_per_epoch - 1:
+                raise stopped(halt, f"at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}")
             record = log.record(epoch + 1, seen, seconds)
             record.update(evaluate(model, bank, queries, args, ctx, precision))
             history.append(record)
@@ -483,20 +509,23 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
                     if k != "epoch":
                         writer.add_scalar(f"epoch/{k}", v, epoch + 1)
                 checkpoint(epoch + 1, 0, {})
-                save_atomic(backbone_state_dict(model.backbone), out / f"backbone_{args.arch}.pth")
+                save_atomic(backbone_state_dict(model.backbone), out / f"backbone_{args.arch}.pth", "backbone")
             last_save_time, last_save_step = time.time(), scheduler.last_epoch
-            if halted:  # the signal came during the epoch's last step: the epoch is complete and saved
-                raise TrainingInterrupted(f"stopped by {stop.name} at the end of epoch {epoch + 1}; checkpoint "
-                                          f"written; {resume_hint}", 128 + stop.signum)
-    for trace in profiler.stop():
-        say(f"profiler trace: {trace} (Perfetto / chrome://tracing; python bench/trace_summary.py {trace})")
-    summary = {"out": str(out), "history": history, "curve": curve, "minutes": (time.time() - started) / 60,
-               "skipped_steps": sum(h.get("skipped_steps", 0) for h in history), "world_size": ctx.world_size}
-    if ctx.is_main:
-        writer.close()
-        (out / "history.json").write_text(json.dumps(history, indent=1))
-        plot_run(history, curve, out / "curves.png", args.dim, steps_per_epoch, log.detector.fired_at)
-        print_summary(summary, args)
+            # A signal during the epoch's last step, its evaluation or its checkpoint: the epoch is complete and
+            # saved, stop here rather than after one more step.
+            halt = halt or (vote.now(stop.signum or 0)[0] if epoch + 1 < last_epoch else 0)
+            if halt:
+                raise stopped(halt, f"at the end of epoch {epoch + 1}")
+        vote.close()
+        for trace in profiler.stop():
+            say(f"profiler trace: {trace} (Perfetto / chrome://tracing; python bench/trace_summary.py {trace})")
+        summary = {"out": str(out), "history": history, "curve": curve, "minutes": (time.time() - started) / 60,
+                   "skipped_steps": sum(h.get("skipped_steps", 0) for h in history), "world_size": ctx.world_size}
+        if ctx.is_main:
+            writer.close()
+            atomic_write_text(out / "history.json", json.dumps(history, indent=1), "history")
+            plot_run(history, curve, out / "curves.png", args.dim, steps_per_epoch, log.detector.fired_at)
+            print_summary(summary, args)
     return summary
 
 
@@ -556,15 +585,27 @@ def log_error() -> Path | None:
 
 
 def cli(argv=None) -> int:
-    """Command-line entry: exit status 0, 1 for an error, 128 + signal after a clean stop."""
+    """Command-line entry: exit status 0, 1 for an error, 128 + signal after a clean stop.
+
+    Under torchrun, what every rank would say alike (a user's mistake, a stop) is printed by local
+    rank 0 alone (:func:`speaks`); a bug's traceback is printed by every rank that hits it.
+    """
+    say = speaks()
     try:
         main(argv)
+    except StopSignal as exc:  # before the training loop: nothing trained, nothing to save
+        if say:
+            print(f"stopped by {exc.name} before the first training step: no checkpoint written by this command",
+                  file=sys.stderr)
+        return exc.code
     except TrainingInterrupted as exc:
-        print(exc, file=sys.stderr)
+        if say:
+            print(exc, file=sys.stderr)
         return exc.code
     except USER_ERRORS as exc:
         log_error()
-        print(f"error: {exc}", file=sys.stderr)
+        if say:
+            print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted (second signal): the last checkpoint.pth in the run folder resumes with --resume",

@@ -38,6 +38,7 @@ from ...sampling import check_batch_size, epoch_seed
 from ...sources.imagefolder import decode_rgb
 from ...sources.shards import ReaderPlan, ShardSource
 from ...sources.tar_samples import BadSample, TarSample, read_piece
+from ...workers import ignore_stop_signals, stop_signals_deferred
 from ..base import Backend
 from .loader import view_transform
 
@@ -175,7 +176,8 @@ class TorchShardLoader(Backend):
             ShardStream(source, aug, self.batch_size, self.seed, self.rank, self.world_size, shuffle_buffer,
                         self._state, record_keys),
             batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0, prefetch_factor=feed.prefetch_or(2) if workers > 0 else None)
+            persistent_workers=workers > 0, prefetch_factor=feed.prefetch_or(2) if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals)  # a stop signal is the training process's (pipeline.workers)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select epoch ``epoch`` and skip its first ``start`` batches (see the module's docstring).
@@ -203,8 +205,10 @@ class TorchShardLoader(Backend):
                 + "; rewrite the shards (python -m pipeline.shards write) or raise --max-bad-fraction")
 
     def __iter__(self):
+        with stop_signals_deferred():  # the workers start here (first epoch): see pipeline.workers
+            batches = iter(self.loader)
         try:
-            for v1, v2, label, bad, keys in self.loader:
+            for v1, v2, label, bad, keys in batches:
                 if bad:
                     self._note_bad(bad)
                 if keys is not None:
