@@ -48,7 +48,8 @@ def test_fires_once_without_stop_gradient_and_never_on_the_healthy_run(batches):
 
 def test_fires_with_the_identity_predictor(batches):
     # slower than without stop-gradient (as at 16 px: warning at step 140 vs 80 of 240)
-    assert first_warning(record(batches, True, "identity", steps=50), DIM, every=10) is not None
+    # (fires at step 60 of 80 on an AVX2 CPU, before step 50 with AVX-512: float rounding differs by kernel)
+    assert first_warning(record(batches, True, "identity", steps=80), DIM, every=10) is not None
 
 
 def test_fires_once_and_reads_the_window_not_one_step():
