@@ -4,6 +4,10 @@ Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021; option
 official ``main_simsiam.py``. ``python train.py`` with no arguments prepares Fashion-MNIST (Debian
 ``dataset-fashion-mnist``) if needed and runs the CPU default described in README.md;
 ``torchrun --nproc-per-node=N train.py ...`` runs the same recipe on N processes (DDP).
+
+``--recipe`` picks a named set of constants (:data:`RECIPES`): the paper's two recipes, ``imagenet``
+and ``cifar``, and ``fmnist``, the measured CPU default. Every option a recipe sets still takes an
+explicit flag, which wins; ``--help`` prints each recipe's values.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ from model.run_log import RunLog, TensorBoard
 from model.simsiam import PREDICTORS
 from model.step import StatsReadback, train_step
 from model.training import build_simsiam, recipe_sgd
-from pipeline import LOADERS, build_loader, recipe
+from pipeline import LOADERS, AugmentConfig, build_loader
 from pipeline.datasets import prepare_fashion_mnist
 from pipeline.eval_data import EvalImages
 from pipeline.sources import ImageList, ShardSource, open_splits
@@ -55,6 +59,45 @@ from pipeline.writes import atomic_write_text, write_failed
 
 DEFAULT_DATA = "data/fashion-mnist"
 RUN_DIR: Path | None = None  # where error.log goes once the run folder is known
+
+# The options a recipe sets (argparse dest names), by kind. Each is None after parsing unless given
+# on the command line; apply_recipe() fills the rest from the chosen recipe, so an explicit flag wins.
+RECIPE_KEYS = {
+    "stem": ("small_stem",),
+    "head": ("proj_layers", "dim", "pred_dim"),
+    "optimiser": ("batch_size", "lr", "wd", "momentum"),  # lr: base lr, used as lr x batch / 256
+    "augmentation": ("min_crop_scale", "jitter_p", "jitter", "grayscale_p", "blur_p"),
+}
+_MOCO_JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue (MoCo v2 / official main_simsiam.py)
+RECIPES: dict[str, dict] = {
+    # The measured CPU default for grey 28 px Fashion-MNIST on 2 cores in <= 15 min (the search and
+    # its table: bench/results/2026-12-03-default-search/README.md). The cifar recipe's 2-layer
+    # projector and wd 5e-4 with smaller heads, batch 128 (lightly's CIFAR-10 benchmark: 128 ahead
+    # of 512), the standard stem (4x cheaper at 28 px), crop area 0.5-1 (20% of a 28 px garment is
+    # a 12 px patch), and no grayscale / saturation / hue, which do nothing to grey images.
+    "fmnist": dict(small_stem=False, proj_layers=2, dim=512, pred_dim=128,
+                   batch_size=128, lr=0.2, wd=5e-4, momentum=0.9,
+                   min_crop_scale=0.5, jitter_p=0.8, jitter=(0.4, 0.4, 0.0, 0.0), grayscale_p=0.0, blur_p=0.0),
+    # Paper §4 "Implementation details" and appendix A + the official main_simsiam.py / builder.py:
+    # ResNet-50 (give -a resnet50 for the paper's network), 3-layer 2048-d projector, 512-d predictor
+    # bottleneck, SGD base lr 0.05 x B/256, wd 1e-4, momentum 0.9, batch 512; MoCo v2 augmentation:
+    # crop area 0.2-1, jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2, Gaussian blur p 0.5.
+    "imagenet": dict(small_stem=False, proj_layers=3, dim=2048, pred_dim=512,
+                     batch_size=512, lr=0.05, wd=1e-4, momentum=0.9,
+                     min_crop_scale=0.2, jitter_p=0.8, jitter=_MOCO_JITTER, grayscale_p=0.2, blur_p=0.5),
+    # Paper appendix D (CIFAR-10): the CIFAR ResNet-18 variant (3x3 stride-1 stem, no max-pool), a
+    # 2-layer projector with 2048-d output, SGD base lr 0.03 x B/256, wd 5e-4, momentum 0.9, batch
+    # 512; the ImageNet augmentation without the blur.
+    "cifar": dict(small_stem=True, proj_layers=2, dim=2048, pred_dim=512,
+                  batch_size=512, lr=0.03, wd=5e-4, momentum=0.9,
+                  min_crop_scale=0.2, jitter_p=0.8, jitter=_MOCO_JITTER, grayscale_p=0.2, blur_p=0.0),
+}
+DEFAULT_RECIPE = "fmnist"
+RECIPE_SOURCES = {
+    "imagenet": "paper §4 + appendix A, official main_simsiam.py",
+    "cifar": "paper appendix D (CIFAR-10)",
+    "fmnist": "measured: bench/results/2026-12-03-default-search/",
+}
 
 
 def parse_every(text: str) -> tuple[str, float]:
@@ -69,6 +112,64 @@ def parse_every(text: str) -> tuple[str, float]:
     return "seconds", value * (60 if unit in ("min", "m") else 1)
 
 
+def parse_jitter(text: str) -> tuple[float, float, float, float]:
+    """``--jitter``: ``"0.4,0.4,0.4,0.1"`` → brightness, contrast, saturation, hue strengths
+    (torchvision ``ColorJitter``: factors from ``[1 - s, 1 + s]``; hue a shift in ``[-h, h]`` turns)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not all(math.isfinite(v) and v >= 0 for v in values) or values[3] > 0.5:
+        raise argparse.ArgumentTypeError(f"want four non-negative numbers B,C,S,H (hue <= 0.5), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def recipe_help(key: str) -> str:
+    """``(default: from --recipe: fmnist X, imagenet Y, cifar Z)`` for an option a recipe sets."""
+    def show(v):
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        if isinstance(v, tuple):
+            return ",".join(f"{x:g}" for x in v)
+        return f"{v:g}" if isinstance(v, float) else str(v)
+    return "(default: from --recipe: " + ", ".join(f"{name} {show(r[key])}" for name, r in RECIPES.items()) + ")"
+
+
+def apply_recipe(args: argparse.Namespace) -> list[str]:
+    """Fill every recipe option left unset (``None``) from ``RECIPES[args.recipe]``, in place.
+
+    Returns:
+        the recipe options given explicitly with another value than the recipe's (they win), as
+        argparse names, e.g. ``["lr", "wd"]``.
+    """
+    overrides = []
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+        elif getattr(args, key) != value:
+            overrides.append(key)
+    return overrides
+
+
+def recipe_line(args: argparse.Namespace) -> str:
+    """``recipe fmnist`` or ``recipe cifar; explicit: --lr 0.1, --small-stem off``: what the run starts with."""
+    def flag(key):
+        v = getattr(args, key)
+        shown = ("on" if v else "off") if isinstance(v, bool) else ",".join(map(str, v)) if isinstance(v, tuple) else v
+        return f"--{key.replace('_', '-')} {shown}"
+    extra = ", ".join(flag(k) for k in args.recipe_overrides)
+    return f"recipe {args.recipe} ({RECIPE_SOURCES[args.recipe]})" + (f"; explicit: {extra}" if extra else "")
+
+
+def augment_config(args: argparse.Namespace) -> AugmentConfig:
+    """The view augmentation of a parsed command line (recipe applied): size, crop area, jitter,
+    grayscale and blur from the options; crop ratio, flip and normalisation as :class:`AugmentConfig`."""
+    brightness, contrast, saturation, hue = args.jitter
+    return AugmentConfig(size=args.image_size, crop_scale=(args.min_crop_scale, 1.0), jitter_p=args.jitter_p,
+                         brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+                         grayscale_p=args.grayscale_p, blur_p=args.blur_p)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` with every option's default shown once (help texts that name theirs keep that one)."""
 
@@ -78,6 +179,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    r = p.add_argument_group("recipe")
+    r.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
+                   help="named constants for the "
+                        + ", ".join(f"{kind} ({', '.join('--' + k.replace('_', '-') for k in keys)})"
+                                    for kind, keys in RECIPE_KEYS.items())
+                        + "; an explicit flag wins. "
+                        + "; ".join(f"{name}: {RECIPE_SOURCES[name]}" for name in RECIPES)
+                        + f" (default: {DEFAULT_RECIPE})")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=DEFAULT_DATA,
                    help="ImageFolder root with train/ and val/ splits (the default is prepared from Fashion-MNIST when "
@@ -96,8 +205,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--record-keys", default=None, help=argparse.SUPPRESS)  # shards: write each rank's sample keys here
     d.add_argument("--loader", choices=LOADERS, default="torch", help="data pipeline backend")
     d.add_argument("-j", "--workers", type=int, default=2, help="loader worker processes / threads per rank")
-    d.add_argument("--image-size", type=int, default=32, help="view side in pixels")
-    d.add_argument("--min-crop-scale", type=float, default=0.2, help="RandomResizedCrop minimum area (paper: 0.2)")
+    d.add_argument("--image-size", type=int, default=28, help="view side in pixels (Fashion-MNIST's own 28)")
+    a = p.add_argument_group("augmentation (set by --recipe)")
+    a.add_argument("--min-crop-scale", type=float, default=None,
+                   help="RandomResizedCrop minimum area fraction " + recipe_help("min_crop_scale"))
+    a.add_argument("--jitter-p", type=float, default=None,
+                   help="probability of the colour jitter " + recipe_help("jitter_p"))
+    a.add_argument("--jitter", type=parse_jitter, default=None, metavar="B,C,S,H",
+                   help="colour jitter strengths: brightness, contrast, saturation, hue; on grey images only "
+                        "brightness and contrast act " + recipe_help("jitter"))
+    a.add_argument("--grayscale-p", type=float, default=None,
+                   help="probability of converting a view to grey " + recipe_help("grayscale_p"))
+    a.add_argument("--blur-p", type=float, default=None,
+                   help="probability of a Gaussian blur (sigma 0.1-2 px) " + recipe_help("blur_p"))
     d.add_argument("--on-bad-image", choices=("skip", "error"), default="skip",
                    help="a file that cannot be decoded: skip it (listed in <out>/skipped.txt) or stop before the first step")
     d.add_argument("--subset", type=int, default=None, help="train on a seeded random subset of this many images (default: all)")
@@ -119,23 +239,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--loader ffcv: how images are stored when writing")
     m = p.add_argument_group("model")
     m.add_argument("-a", "--arch", choices=ARCHS, default="resnet18", help="torchvision ResNet backbone")
-    m.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=False,
+    m.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 stem without max-pool, for inputs of 64 px or less (paper's CIFAR setting); "
-                        "4x the compute of the standard stem at the same size")
-    m.add_argument("--dim", type=int, default=2048, help="projector width")
-    m.add_argument("--pred-dim", type=int, default=512, help="predictor bottleneck width")
-    m.add_argument("--proj-layers", type=int, choices=(2, 3), default=3, help="projector depth (paper CIFAR appendix: 2)")
-    o = p.add_argument_group("optimisation (official recipe)")
+                        "the residual stages see 16x the positions of the standard stem's at the same size "
+                        + recipe_help("small_stem"))
+    m.add_argument("--dim", type=int, default=None, help="projector width (hidden and output) " + recipe_help("dim"))
+    m.add_argument("--pred-dim", type=int, default=None, help="predictor bottleneck width " + recipe_help("pred_dim"))
+    m.add_argument("--proj-layers", type=int, choices=(2, 3), default=None,
+                   help="projector depth " + recipe_help("proj_layers"))
+    o = p.add_argument_group("optimisation (-b, --lr, --wd, --momentum set by --recipe)")
     o.add_argument("--epochs", type=int, default=3, help="epochs to train")
-    o.add_argument("-b", "--batch-size", type=int, default=256,
+    o.add_argument("-b", "--batch-size", type=int, default=None,
                    help="global batch: images per optimiser step over all ranks and --accum micro-batches "
-                        "(each image gives two views)")
+                        "(each image gives two views) " + recipe_help("batch_size"))
     o.add_argument("--accum", type=int, default=1,
                    help="micro-batches per optimiser step (gradient accumulation); per-rank micro-batch = "
                         "batch / (world size x accum)")
-    o.add_argument("--lr", type=float, default=0.05, help="base lr; the lr used is lr x batch / 256")
-    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    o.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-4, help="SGD weight decay")
+    o.add_argument("--lr", type=float, default=None, help="base lr; the lr used is lr x batch / 256 " + recipe_help("lr"))
+    o.add_argument("--momentum", type=float, default=None, help="SGD momentum " + recipe_help("momentum"))
+    o.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=None,
+                   help="SGD weight decay " + recipe_help("wd"))
     o.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the predictor lr constant (paper §4.2, Tab. 1c)")
     o.add_argument("--warmup-epochs", type=float, default=None,
@@ -176,6 +299,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is shown on a terminal only; otherwise one line per epoch)")
     args = p.parse_args(argv)
+    args.recipe_overrides = apply_recipe(args)
     for name in ("lr", "wd", "momentum", "knn_t"):
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0 or (name in ("lr", "knn_t") and value == 0):
@@ -190,9 +314,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("epochs", "knn_bank", "knn_queries"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("accum", "log_every", "batch_size"):
+    for name in ("accum", "log_every", "batch_size", "dim", "pred_dim"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("jitter_p", "grayscale_p", "blur_p"):
+        if not 0 <= getattr(args, name) <= 1:
+            p.error(f"--{name.replace('_', '-')} must be a probability in [0, 1], got {getattr(args, name)}")
+    if not 0 < args.min_crop_scale <= 1:
+        p.error(f"--min-crop-scale must be in (0, 1], got {args.min_crop_scale}")
     if args.resume == "auto" and args.out is None:
         p.error("--resume auto looks for checkpoints in --out: give --out DIR")
     if args.warmup_epochs is None:
@@ -299,6 +428,20 @@ def main(argv=None) -> dict:
             destroy(ctx)
 
 
+def build_model(args: argparse.Namespace, ctx: DistContext):
+    """The model, loss and SGD optimiser of a parsed command line (recipe applied), on ``ctx.device``.
+
+    Returns:
+        ``(built, criterion, optimizer)``: :class:`model.training.Built`, :class:`model.loss.SimSiamLoss`
+        and the ``torch.optim.SGD`` of :func:`model.training.recipe_sgd` with lr = ``args.lr`` × batch / 256.
+    """
+    built = build_simsiam(ctx, args.arch, args.dim, args.pred_dim, args.small_stem, args.proj_layers, args.predictor,
+                          sync_bn=args.sync_bn, channels_last=args.channels_last, compile=args.compile)
+    criterion = SimSiamLoss(args.stop_grad, args.similarity, args.symmetric)
+    optimizer = recipe_sgd(built.model, args.lr * args.batch_size / 256, args.momentum, args.wd, args.fix_pred_lr)
+    return built, criterion, optimizer
+
+
 def train(args: argparse.Namespace, ctx: DistContext) -> dict:
     global RUN_DIR
     RUN_DIR = None
@@ -319,7 +462,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
 
     # 2. Data: prepare the default data set, open the splits (an ImageFolder is scanned once per node;
     #    shards are named by an index or a pattern, nothing is read), build the two-view loader.
-    aug = recipe(args.image_size, args.min_crop_scale)
+    aug = augment_config(args)
+    say(recipe_line(args))
     train_images = val_images = None
     view_dtype = torch.float16 if args.amp == "fp16" else torch.float32
     common = dict(batch_size=micro, device=device, channels_last=args.channels_last, seed=args.seed, dtype=view_dtype,
@@ -354,14 +498,10 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
     if steps_per_epoch < 1:
         raise ValueError(f"--accum {args.accum} needs {args.accum} batches per epoch, but each rank has {len(loader)}")
 
-    # 3. Model: SimSiam encoder + predictor; SyncBN, channels_last, DDP, compile.
-    built = build_simsiam(ctx, args.arch, args.dim, args.pred_dim, args.small_stem, args.proj_layers, args.predictor,
-                          sync_bn=args.sync_bn, channels_last=args.channels_last, compile=args.compile)
+    # 3-4. Model (SimSiam encoder + predictor; SyncBN, channels_last, DDP, compile), loss, optimiser
+    # (lr = base lr × global batch / 256), per-iteration schedule.
+    built, criterion, optimizer = build_model(args, ctx)
     model = built.model
-
-    # 4. Loss, optimiser (lr = base lr × global batch / 256), per-iteration schedule.
-    criterion = SimSiamLoss(args.stop_grad, args.similarity, args.symmetric)
-    optimizer = recipe_sgd(model, args.lr * args.batch_size / 256, args.momentum, args.wd, args.fix_pred_lr)
     groups = model.param_groups(args.fix_pred_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambdas(groups, args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)))
