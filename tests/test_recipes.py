@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 
 import train
 from model.distributed import DistContext
-from pipeline.torch_loader import view_transform
+from pipeline.backends.torch import view_transform
 
 CPU = DistContext(device=torch.device("cpu"))
 
