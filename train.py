@@ -49,7 +49,7 @@ from model.run_log import RunLog, TensorBoard
 from model.simsiam import PREDICTORS
 from model.step import StatsReadback, train_step
 from model.training import build_simsiam, recipe_sgd
-from pipeline import LOADERS, AugmentConfig, build_loader
+from pipeline import LOADERS, AugmentConfig, build_loader, pick_loader
 from pipeline.datasets import prepare_fashion_mnist
 from pipeline.eval_data import EvalImages
 from pipeline.sources import ImageList, ShardSource, open_splits
@@ -203,7 +203,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="shards: stop once more than this share of an epoch's samples were bad (listed in <out>/skipped.txt)")
     d.add_argument("--record-keys", default=None, help=argparse.SUPPRESS)  # shards: write each rank's sample keys here
-    d.add_argument("--loader", choices=LOADERS, default="torch", help="data pipeline backend")
+    d.add_argument("--loader", choices=("auto", *LOADERS), default="auto",
+                   help="data pipeline backend; auto: the cheapest installed (dali when installed, else torch on "
+                        "the CPU, torchvision-gpu on a GPU; torch for shards), announced at the start")
     d.add_argument("-j", "--workers", type=int, default=2, help="loader worker processes / threads per rank")
     d.add_argument("--image-size", type=int, default=28, help="view side in pixels (Fashion-MNIST's own 28)")
     a = p.add_argument_group("augmentation (set by --recipe)")
@@ -477,6 +479,9 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
             train_images, val_images = open_splits(args.data, args.on_bad_image, args.num_samples, args.shard_url,
                                                    args.val_data)
             train_images = train_images.subset(args.subset, args.seed)
+        if args.loader == "auto":
+            args.loader, why = pick_loader(train_images, device)
+            say(f"loader: {args.loader} ({why}; --loader NAME to choose)")
         if args.loader == "synthetic":
             loader = build_loader("synthetic", num_samples=args.synthetic_size // ctx.world_size,
                                   size=args.image_size, **common)

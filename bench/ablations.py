@@ -55,7 +55,7 @@ from pipeline.sources.imagefolder import scan_image_folder  # noqa: E402
 
 # The paper ran its ablations with its ImageNet recipe; without blur (as these runs were measured:
 # train.py's default dropped it at <= 64 px before the recipes were named).
-RECIPE = ["--recipe", "imagenet", "--blur-p", "0"]
+RECIPE = ["--recipe", "imagenet", "--blur-p", "0", "--loader", "torch"]  # the loader its results were measured with
 # train.py options per preset, after RECIPE; every variant adds its flags to these.
 PRESETS = {
     "quick": ["--subset", "960", "--image-size", "16", "-b", "32", "--lr", "0.8", "--epochs", "8",

@@ -20,7 +20,7 @@ import train
 from model import checkpoint as ckpt_module
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--image-size", "8", "--small-stem", "--dim", "64", "--pred-dim", "16", "-b", "40", "-j", "0",
+TINY = ["--loader", "torch", "--image-size", "8", "--small-stem", "--dim", "64", "--pred-dim", "16", "-b", "40", "-j", "0",
         "--no-knn", "--log-every", "2", "--epochs", "2"]
 
 
