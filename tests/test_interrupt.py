@@ -249,9 +249,13 @@ def test_help_shows_each_default_once():
             lines[current] += " " + ln.strip()
         else:
             current = None
-    for opt, default in (("--epochs", "3"), ("--momentum", "0.9"), ("--wd", "0.0001"), ("-a", "resnet18"),
+    for opt, default in (("--epochs", "3"), ("-a", "resnet18"),
                          ("--seed", "0"), ("--knn-k", "200"), ("--knn-t", "0.1"), ("--amp", "off"),
                          ("--predictor", "learned"), ("--accum", "1"), ("--log-every", "20")):
         assert f"(default: {default})" in lines[opt], lines[opt]
+    # the optimiser's constants come from --recipe: each preset's value is shown, once
+    for opt, values in (("--momentum", "fmnist 0.9, imagenet 0.9, cifar 0.9"),
+                        ("--wd", "fmnist 0.0005, imagenet 0.0001, cifar 0.0005")):
+        assert lines[opt].count("(default:") == 1 and f"(default: from --recipe: {values})" in lines[opt], lines[opt]
     for ln in lines.values():
         assert ln.count("(default:") <= 1, ln
