@@ -12,6 +12,8 @@ Data: the 20 ImageNet JPEGs of the foolbox wheel (512×512, one 1024×683), copi
 ``--images`` files in two classes under ``--work``.
 
     .venv/bin/python bench/dali_compare.py --images 384 --size 224 --batch-size 64 --batches 5 --repeats 2
+    .venv/bin/python bench/dali_compare.py --data data/fashion-mnist/train --images 8192 --size 28 \
+        --batch-size 128 --batches 20 --loaders torch,dali,torchvision-gpu --recipes full   # pipeline.CPU_COST_MS
 
 Prints one JSON line per loader and recipe (``images_per_s`` counts images, each giving two
 views: the best of ``--repeats`` runs; the loaders' runs are interleaved because other jobs
@@ -49,9 +51,15 @@ def main(argv=None) -> None:
     p.add_argument("--loaders", default="torch,dali")
     p.add_argument("--recipes", default="full,decode_crop")
     p.add_argument("--work", default="/tmp/dali_compare")
+    p.add_argument("--data", default=None,
+                   help="an ImageFolder split to read instead of the photos (--images of its files, drawn with seed 0), "
+                        "e.g. data/fashion-mnist/train")
     a = p.parse_args(argv)
 
-    images = scan_image_folder(photo_folder(Path(a.work), a.images))
+    if a.data:
+        images = scan_image_folder(Path(a.data)).subset(a.images, 0)
+    else:
+        images = scan_image_folder(photo_folder(Path(a.work), a.images))
     recipes = {"full": recipe(a.size),
                "decode_crop": recipe(a.size).replace(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)}
     loaders = a.loaders.split(",")
