@@ -19,15 +19,17 @@ LOADERS = ("torch", "dali", "ffcv", "torchvision-gpu", "synthetic")
 
 
 def backend_class(name: str, source=None) -> type:
-    """The backend class of ``--loader name`` for ``source`` (tar shards have their own torch backend).
+    """The backend class of ``--loader name`` for ``source``: tar shards have their own torch and
+    dali backends (``backends/<name>/shards.py``); ffcv reads no shards.
 
     Raises:
         ValueError: unknown ``name``.
         ImportError: the backend's package is not installed (the message names the pip extra).
     """
+    shards = getattr(source, "kind", None) == "shards"
     if name == "torch":
         from .backends.torch import TorchLoader, TorchShardLoader
-        return TorchShardLoader if getattr(source, "kind", None) == "shards" else TorchLoader
+        return TorchShardLoader if shards else TorchLoader
     if name == "torchvision-gpu":
         from .backends.tv_gpu.loader import TorchvisionGpuLoader
         return TorchvisionGpuLoader
@@ -37,9 +39,10 @@ def backend_class(name: str, source=None) -> type:
     if name == "dali":
         try:
             from .backends.dali.loader import DaliLoader
+            from .backends.dali.shards import DaliShardLoader
         except ImportError as exc:
             raise ImportError(f"--loader dali needs NVIDIA DALI: pip install -e '.[dali]' ({exc})") from exc
-        return DaliLoader
+        return DaliShardLoader if shards else DaliLoader
     if name == "ffcv":
         try:
             from .backends.ffcv.loader import FfcvLoader
