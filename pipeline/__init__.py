@@ -19,8 +19,8 @@ LOADERS = ("torch", "dali", "ffcv", "torchvision-gpu", "synthetic")
 
 
 def backend_class(name: str, source=None) -> type:
-    """The backend class of ``--loader name`` for ``source``: tar shards have their own torch and
-    dali backends (``backends/<name>/shards.py``); ffcv reads no shards.
+    """The backend class of ``--loader name`` for ``source``: tar shards have their own torch, dali
+    and torchvision-gpu backends (``backends/<name>/shards.py``); ffcv reads no shards.
 
     Raises:
         ValueError: unknown ``name``.
@@ -31,6 +31,9 @@ def backend_class(name: str, source=None) -> type:
         from .backends.torch import TorchLoader, TorchShardLoader
         return TorchShardLoader if shards else TorchLoader
     if name == "torchvision-gpu":
+        if shards:
+            from .backends.tv_gpu.shards import TorchvisionGpuShardLoader
+            return TorchvisionGpuShardLoader
         from .backends.tv_gpu.loader import TorchvisionGpuLoader
         return TorchvisionGpuLoader
     if name == "synthetic":
