@@ -39,7 +39,9 @@ endef
 $(VENV)/.base: setup.py Makefile
 	$(call apt_install,$(APT_DATA))
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -e .
+	# DALI is the default run's loader (train.py --loader auto: the cheapest installed); where its wheel
+	# does not exist (not x86-64 Linux), the run falls back to --loader torch and says so.
+	$(PIP) install -q -e '.[dali]' || { echo "NVIDIA DALI does not install here: train.py will use --loader torch"; $(PIP) install -q -e .; }
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base setup.py Makefile

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from model.precision import AMP_MODES, Precision
 from pipeline import recipe, sources
 from pipeline.device import resolve_device
 from pipeline.eval_data import EvalImages
+from pipeline.workers import StopSignal, stop_signals_raise
 
 DEFAULT_DATA = "data/fashion-mnist"
 FEATURE_BATCH = 512  # the monitor's batch (train.py evaluate), so features match it bit for bit
@@ -127,7 +129,14 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    speaks = os.environ.get("LOCAL_RANK", "0") == "0"  # under torchrun: once per node, not once per rank
     try:
-        main()
-    except (FileNotFoundError, NotADirectoryError, CheckpointError, ValueError, ImportError) as exc:
-        sys.exit(f"error: {exc}")
+        with stop_signals_raise():  # its loader workers ignore SIGTERM / SIGINT (pipeline.workers): it stops them
+            main()
+    except (OSError, CheckpointError, ValueError, ImportError) as exc:
+        sys.exit(f"error: {exc}" if speaks else 1)
+    except (StopSignal, KeyboardInterrupt) as exc:
+        code = exc.code if isinstance(exc, StopSignal) else 130
+        if speaks:
+            print(f"stopped by {getattr(exc, 'name', 'SIGINT')}", file=sys.stderr)
+        sys.exit(code)

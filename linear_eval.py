@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from model.precision import AMP_MODES, Precision
 from pipeline import AugmentConfig, build_loader, recipe
 from pipeline.eval_data import EvalImages
 from pipeline.sampling import check_batch_size, epoch_seed
+from pipeline.workers import StopSignal, stop_signals_raise
 
 OPTIMIZERS = {  # optimizer: (base lr, batch); paper appendix A
     "lars": (0.02, 4096),
@@ -344,9 +346,14 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict:
 
 
 if __name__ == "__main__":
+    speaks = os.environ.get("LOCAL_RANK", "0") == "0"  # under torchrun: once per node, not once per rank
     try:
-        main()
-    except (FileNotFoundError, NotADirectoryError, CheckpointError, ValueError, ImportError) as exc:
-        sys.exit(f"error: {exc}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: linear_checkpoint.pth in the output folder resumes with --resume")
+        with stop_signals_raise():  # its loader workers ignore SIGTERM / SIGINT (pipeline.workers): it stops them
+            main()
+    except (OSError, CheckpointError, ValueError, ImportError) as exc:
+        sys.exit(f"error: {exc}" if speaks else 1)
+    except (StopSignal, KeyboardInterrupt) as exc:
+        code = exc.code if isinstance(exc, StopSignal) else 130
+        if speaks:
+            print(f"stopped by {getattr(exc, 'name', 'SIGINT')} (linear_checkpoint.pth in the output folder resumes with --resume)", file=sys.stderr)
+        sys.exit(code)

@@ -4,6 +4,10 @@ Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021; option
 official ``main_simsiam.py``. ``python train.py`` with no arguments prepares Fashion-MNIST (Debian
 ``dataset-fashion-mnist``) if needed and runs the CPU default described in README.md;
 ``torchrun --nproc-per-node=N train.py ...`` runs the same recipe on N processes (DDP).
+
+``--recipe`` picks a named set of constants (:data:`RECIPES`): the paper's two recipes, ``imagenet``
+and ``cifar``, and ``fmnist``, the measured CPU default. Every option a recipe sets still takes an
+explicit flag, which wins; ``--help`` prints each recipe's values.
 """
 from __future__ import annotations
 
@@ -15,10 +19,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import json
 import math
 import random
 import re
+import signal
 import sys
 import time
 import traceback
@@ -30,26 +36,68 @@ from tqdm import tqdm
 
 from model.backbones import ARCHS, backbone_state_dict
 from model.checkpoint import CheckpointError, load_checkpoint, load_latest, save_atomic, save_checkpoint
-from model.distributed import DistContext, destroy, init_from_env
+from model.distributed import DistContext, HostVote, destroy, init_from_env
 from model.evaluate import extract_features, knn_top1, linear_probe_top1
+from model.host_memory import keep_freed_memory
 from model.interrupt import GracefulStop, TrainingInterrupted
 from model.collapse import CollapseDetector
 from model.loss import SIMILARITIES, SimSiamLoss
 from model.precision import AMP_MODES, Precision
 from model.plots import plot_run
 from model.profiling import DEFAULT_SCHEDULE, StepProfiler, parse_schedule
-from model.run_log import RunLog
+from model.run_log import RunLog, TensorBoard
 from model.simsiam import PREDICTORS
 from model.step import StatsReadback, train_step
 from model.training import build_simsiam, recipe_sgd
-from pipeline import LOADERS, build_loader, recipe
+from pipeline import LOADERS, AugmentConfig, build_loader, pick_loader
 from pipeline.datasets import prepare_fashion_mnist
 from pipeline.eval_data import EvalImages
 from pipeline.sources import ImageList, ShardSource, open_splits
 from pipeline.sources.imagefolder import write_skip_list
+from pipeline.workers import StopSignal, stop_signals_raise
+from pipeline.writes import atomic_write_text, write_failed
 
 DEFAULT_DATA = "data/fashion-mnist"
 RUN_DIR: Path | None = None  # where error.log goes once the run folder is known
+
+# The options a recipe sets (argparse dest names), by kind. Each is None after parsing unless given
+# on the command line; apply_recipe() fills the rest from the chosen recipe, so an explicit flag wins.
+RECIPE_KEYS = {
+    "stem": ("small_stem",),
+    "head": ("proj_layers", "dim", "pred_dim"),
+    "optimiser": ("batch_size", "lr", "wd", "momentum"),  # lr: base lr, used as lr x batch / 256
+    "augmentation": ("min_crop_scale", "jitter_p", "jitter", "grayscale_p", "blur_p"),
+}
+_MOCO_JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue (MoCo v2 / official main_simsiam.py)
+RECIPES: dict[str, dict] = {
+    # The measured CPU default for grey 28 px Fashion-MNIST on 2 cores in <= 15 min (the search and
+    # its table: bench/results/2026-12-03-default-search/README.md). The cifar recipe's 2-layer
+    # projector and wd 5e-4 with smaller heads, batch 128 (lightly's CIFAR-10 benchmark: 128 ahead
+    # of 512), the standard stem (4x cheaper at 28 px), crop area 0.5-1 (20% of a 28 px garment is
+    # a 12 px patch), and no grayscale / saturation / hue, which do nothing to grey images.
+    "fmnist": dict(small_stem=False, proj_layers=2, dim=512, pred_dim=128,
+                   batch_size=128, lr=0.2, wd=5e-4, momentum=0.9,
+                   min_crop_scale=0.5, jitter_p=0.8, jitter=(0.4, 0.4, 0.0, 0.0), grayscale_p=0.0, blur_p=0.0),
+    # Paper §4 "Implementation details" and appendix A + the official main_simsiam.py / builder.py:
+    # ResNet-50 (give -a resnet50 for the paper's network), 3-layer 2048-d projector, 512-d predictor
+    # bottleneck, SGD base lr 0.05 x B/256, wd 1e-4, momentum 0.9, batch 512; MoCo v2 augmentation:
+    # crop area 0.2-1, jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2, Gaussian blur p 0.5.
+    "imagenet": dict(small_stem=False, proj_layers=3, dim=2048, pred_dim=512,
+                     batch_size=512, lr=0.05, wd=1e-4, momentum=0.9,
+                     min_crop_scale=0.2, jitter_p=0.8, jitter=_MOCO_JITTER, grayscale_p=0.2, blur_p=0.5),
+    # Paper appendix D (CIFAR-10): the CIFAR ResNet-18 variant (3x3 stride-1 stem, no max-pool), a
+    # 2-layer projector with 2048-d output, SGD base lr 0.03 x B/256, wd 5e-4, momentum 0.9, batch
+    # 512; the ImageNet augmentation without the blur.
+    "cifar": dict(small_stem=True, proj_layers=2, dim=2048, pred_dim=512,
+                  batch_size=512, lr=0.03, wd=5e-4, momentum=0.9,
+                  min_crop_scale=0.2, jitter_p=0.8, jitter=_MOCO_JITTER, grayscale_p=0.2, blur_p=0.0),
+}
+DEFAULT_RECIPE = "fmnist"
+RECIPE_SOURCES = {
+    "imagenet": "paper §4 + appendix A, official main_simsiam.py",
+    "cifar": "paper appendix D (CIFAR-10)",
+    "fmnist": "measured: bench/results/2026-12-03-default-search/",
+}
 
 
 def parse_every(text: str) -> tuple[str, float]:
@@ -64,6 +112,64 @@ def parse_every(text: str) -> tuple[str, float]:
     return "seconds", value * (60 if unit in ("min", "m") else 1)
 
 
+def parse_jitter(text: str) -> tuple[float, float, float, float]:
+    """``--jitter``: ``"0.4,0.4,0.4,0.1"`` → brightness, contrast, saturation, hue strengths
+    (torchvision ``ColorJitter``: factors from ``[1 - s, 1 + s]``; hue a shift in ``[-h, h]`` turns)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not all(math.isfinite(v) and v >= 0 for v in values) or values[3] > 0.5:
+        raise argparse.ArgumentTypeError(f"want four non-negative numbers B,C,S,H (hue <= 0.5), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def recipe_help(key: str) -> str:
+    """``(default: from --recipe: fmnist X, imagenet Y, cifar Z)`` for an option a recipe sets."""
+    def show(v):
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        if isinstance(v, tuple):
+            return ",".join(f"{x:g}" for x in v)
+        return f"{v:g}" if isinstance(v, float) else str(v)
+    return "(default: from --recipe: " + ", ".join(f"{name} {show(r[key])}" for name, r in RECIPES.items()) + ")"
+
+
+def apply_recipe(args: argparse.Namespace) -> list[str]:
+    """Fill every recipe option left unset (``None``) from ``RECIPES[args.recipe]``, in place.
+
+    Returns:
+        the recipe options given explicitly with another value than the recipe's (they win), as
+        argparse names, e.g. ``["lr", "wd"]``.
+    """
+    overrides = []
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+        elif getattr(args, key) != value:
+            overrides.append(key)
+    return overrides
+
+
+def recipe_line(args: argparse.Namespace) -> str:
+    """``recipe fmnist`` or ``recipe cifar; explicit: --lr 0.1, --small-stem off``: what the run starts with."""
+    def flag(key):
+        v = getattr(args, key)
+        shown = ("on" if v else "off") if isinstance(v, bool) else ",".join(map(str, v)) if isinstance(v, tuple) else v
+        return f"--{key.replace('_', '-')} {shown}"
+    extra = ", ".join(flag(k) for k in args.recipe_overrides)
+    return f"recipe {args.recipe} ({RECIPE_SOURCES[args.recipe]})" + (f"; explicit: {extra}" if extra else "")
+
+
+def augment_config(args: argparse.Namespace) -> AugmentConfig:
+    """The view augmentation of a parsed command line (recipe applied): size, crop area, jitter,
+    grayscale and blur from the options; crop ratio, flip and normalisation as :class:`AugmentConfig`."""
+    brightness, contrast, saturation, hue = args.jitter
+    return AugmentConfig(size=args.image_size, crop_scale=(args.min_crop_scale, 1.0), jitter_p=args.jitter_p,
+                         brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+                         grayscale_p=args.grayscale_p, blur_p=args.blur_p)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` with every option's default shown once (help texts that name theirs keep that one)."""
 
@@ -73,6 +179,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    r = p.add_argument_group("recipe")
+    r.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
+                   help="named constants for the "
+                        + ", ".join(f"{kind} ({', '.join('--' + k.replace('_', '-') for k in keys)})"
+                                    for kind, keys in RECIPE_KEYS.items())
+                        + "; an explicit flag wins. "
+                        + "; ".join(f"{name}: {RECIPE_SOURCES[name]}" for name in RECIPES)
+                        + f" (default: {DEFAULT_RECIPE})")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=DEFAULT_DATA,
                    help="ImageFolder root with train/ and val/ splits (the default is prepared from Fashion-MNIST when "
@@ -96,10 +210,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shards, --loader torch / torchvision-gpu: stop once more than this share of an epoch's samples "
                         "were bad (listed in <out>/skipped.txt; --loader dali stops on the first)")
     d.add_argument("--record-keys", default=None, help=argparse.SUPPRESS)  # shards: write each rank's sample keys here
-    d.add_argument("--loader", choices=LOADERS, default="torch", help="data pipeline backend")
+    d.add_argument("--loader", choices=("auto", *LOADERS), default="auto",
+                   help="data pipeline backend; auto: the cheapest installed (dali when installed, else torch on "
+                        "the CPU, torchvision-gpu on a GPU; torch for shards), announced at the start")
     d.add_argument("-j", "--workers", type=int, default=2, help="loader worker processes / threads per rank")
-    d.add_argument("--image-size", type=int, default=32, help="view side in pixels")
-    d.add_argument("--min-crop-scale", type=float, default=0.2, help="RandomResizedCrop minimum area (paper: 0.2)")
+    d.add_argument("--image-size", type=int, default=28, help="view side in pixels (Fashion-MNIST's own 28)")
+    a = p.add_argument_group("augmentation (set by --recipe)")
+    a.add_argument("--min-crop-scale", type=float, default=None,
+                   help="RandomResizedCrop minimum area fraction " + recipe_help("min_crop_scale"))
+    a.add_argument("--jitter-p", type=float, default=None,
+                   help="probability of the colour jitter " + recipe_help("jitter_p"))
+    a.add_argument("--jitter", type=parse_jitter, default=None, metavar="B,C,S,H",
+                   help="colour jitter strengths: brightness, contrast, saturation, hue; on grey images only "
+                        "brightness and contrast act " + recipe_help("jitter"))
+    a.add_argument("--grayscale-p", type=float, default=None,
+                   help="probability of converting a view to grey " + recipe_help("grayscale_p"))
+    a.add_argument("--blur-p", type=float, default=None,
+                   help="probability of a Gaussian blur (sigma 0.1-2 px) " + recipe_help("blur_p"))
     d.add_argument("--on-bad-image", choices=("skip", "error"), default="skip",
                    help="a file that cannot be decoded: skip it (listed in <out>/skipped.txt) or stop before the first step")
     d.add_argument("--subset", type=int, default=None, help="train on a seeded random subset of this many images (default: all)")
@@ -123,23 +250,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--loader ffcv: how images are stored when writing")
     m = p.add_argument_group("model")
     m.add_argument("-a", "--arch", choices=ARCHS, default="resnet18", help="torchvision ResNet backbone")
-    m.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=False,
+    m.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 stem without max-pool, for inputs of 64 px or less (paper's CIFAR setting); "
-                        "4x the compute of the standard stem at the same size")
-    m.add_argument("--dim", type=int, default=2048, help="projector width")
-    m.add_argument("--pred-dim", type=int, default=512, help="predictor bottleneck width")
-    m.add_argument("--proj-layers", type=int, choices=(2, 3), default=3, help="projector depth (paper CIFAR appendix: 2)")
-    o = p.add_argument_group("optimisation (official recipe)")
+                        "the residual stages see 16x the positions of the standard stem's at the same size "
+                        + recipe_help("small_stem"))
+    m.add_argument("--dim", type=int, default=None, help="projector width (hidden and output) " + recipe_help("dim"))
+    m.add_argument("--pred-dim", type=int, default=None, help="predictor bottleneck width " + recipe_help("pred_dim"))
+    m.add_argument("--proj-layers", type=int, choices=(2, 3), default=None,
+                   help="projector depth " + recipe_help("proj_layers"))
+    o = p.add_argument_group("optimisation (-b, --lr, --wd, --momentum set by --recipe)")
     o.add_argument("--epochs", type=int, default=3, help="epochs to train")
-    o.add_argument("-b", "--batch-size", type=int, default=256,
+    o.add_argument("-b", "--batch-size", type=int, default=None,
                    help="global batch: images per optimiser step over all ranks and --accum micro-batches "
-                        "(each image gives two views)")
+                        "(each image gives two views) " + recipe_help("batch_size"))
     o.add_argument("--accum", type=int, default=1,
                    help="micro-batches per optimiser step (gradient accumulation); per-rank micro-batch = "
                         "batch / (world size x accum)")
-    o.add_argument("--lr", type=float, default=0.05, help="base lr; the lr used is lr x batch / 256")
-    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    o.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-4, help="SGD weight decay")
+    o.add_argument("--lr", type=float, default=None, help="base lr; the lr used is lr x batch / 256 " + recipe_help("lr"))
+    o.add_argument("--momentum", type=float, default=None, help="SGD momentum " + recipe_help("momentum"))
+    o.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=None,
+                   help="SGD weight decay " + recipe_help("wd"))
     o.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the predictor lr constant (paper §4.2, Tab. 1c)")
     o.add_argument("--warmup-epochs", type=float, default=None,
@@ -180,6 +310,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is shown on a terminal only; otherwise one line per epoch)")
     args = p.parse_args(argv)
+    args.recipe_overrides = apply_recipe(args)
     for name in ("lr", "wd", "momentum", "knn_t"):
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0 or (name in ("lr", "knn_t") and value == 0):
@@ -198,9 +329,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("epochs", "knn_bank", "knn_queries"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("accum", "log_every", "batch_size"):
+    for name in ("accum", "log_every", "batch_size", "dim", "pred_dim"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("jitter_p", "grayscale_p", "blur_p"):
+        if not 0 <= getattr(args, name) <= 1:
+            p.error(f"--{name.replace('_', '-')} must be a probability in [0, 1], got {getattr(args, name)}")
+    if not 0 < args.min_crop_scale <= 1:
+        p.error(f"--min-crop-scale must be in (0, 1], got {args.min_crop_scale}")
     if args.resume == "auto" and args.out is None:
         p.error("--resume auto looks for checkpoints in --out: give --out DIR")
     if args.warmup_epochs is None:
@@ -280,14 +416,45 @@ def pixel_baseline(bank: EvalImages, queries: EvalImages, args, ctx: DistContext
     return ctx.broadcast_object(scores(fb, lb, fq, lq, args) if ctx.is_main else None)
 
 
+def speaks() -> bool:
+    """Whether this process prints what every rank would print alike (a user's mistake, a stop):
+    without torchrun always; under torchrun local rank 0 of each node (rank 0 on one node)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def main(argv=None) -> dict:
-    """Parse ``argv``, join the process group (under torchrun), train, leave the group."""
-    args = parse_args(argv)
-    ctx = init_from_env(args.device)
-    try:
-        return train(args, ctx)
-    finally:
-        destroy(ctx)
+    """Parse ``argv``, join the process group (under torchrun), train, leave the group.
+
+    Until the training loop starts (and while a ``.beton`` is written, see
+    :mod:`pipeline.workers`), SIGTERM / SIGINT raise :class:`pipeline.workers.StopSignal`: nothing
+    is trained yet, so the run stops at once; the loop then takes over (:class:`GracefulStop`).
+    """
+    if speaks():
+        args = parse_args(argv)
+    else:  # argparse's usage and error lines: once, from local rank 0
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):
+            args = parse_args(argv)
+    keep_freed_memory()  # a CPU step's buffers are not faulted in again every step (model/host_memory.py)
+    with stop_signals_raise():
+        ctx = init_from_env(args.device)
+        try:
+            return train(args, ctx)
+        finally:
+            destroy(ctx)
+
+
+def build_model(args: argparse.Namespace, ctx: DistContext):
+    """The model, loss and SGD optimiser of a parsed command line (recipe applied), on ``ctx.device``.
+
+    Returns:
+        ``(built, criterion, optimizer)``: :class:`model.training.Built`, :class:`model.loss.SimSiamLoss`
+        and the ``torch.optim.SGD`` of :func:`model.training.recipe_sgd` with lr = ``args.lr`` × batch / 256.
+    """
+    built = build_simsiam(ctx, args.arch, args.dim, args.pred_dim, args.small_stem, args.proj_layers, args.predictor,
+                          sync_bn=args.sync_bn, channels_last=args.channels_last, compile=args.compile)
+    criterion = SimSiamLoss(args.stop_grad, args.similarity, args.symmetric)
+    optimizer = recipe_sgd(built.model, args.lr * args.batch_size / 256, args.momentum, args.wd, args.fix_pred_lr)
+    return built, criterion, optimizer
 
 
 def train(args: argparse.Namespace, ctx: DistContext) -> dict:
@@ -307,15 +474,11 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
     out = Path(args.out) if args.out else (Path(args.resume).parent if args.resume else None)
     if out is None:
         out = Path("runs") / ctx.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not args.resume or not (out / "skipped.txt").exists():
-            (out / "skipped.txt").write_text("")  # its presence says the check ran; bad shard samples are appended
-    ctx.barrier()
 
     # 2. Data: prepare the default data set, open the splits (an ImageFolder is scanned once per node;
     #    shards are named by an index or a pattern, nothing is read), build the two-view loader.
-    aug = recipe(args.image_size, args.min_crop_scale)
+    aug = augment_config(args)
+    say(recipe_line(args))
     train_images = val_images = None
     view_dtype = torch.float16 if args.amp == "fp16" else torch.float32
     common = dict(batch_size=micro, device=device, channels_last=args.channels_last, seed=args.seed, dtype=view_dtype,
@@ -334,6 +497,9 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
                     raise ValueError(f"--shards-resampled draws tar shards; --data {args.data} is not shards "
                                      f"(write them with python -m pipeline.shards write)")
                 train_images = train_images.resample(args.epoch_samples)
+        if args.loader == "auto":
+            args.loader, why = pick_loader(train_images, device)
+            say(f"loader: {args.loader} ({why}; --loader NAME to choose)")
         if args.loader == "synthetic":
             loader = build_loader("synthetic", num_samples=args.synthetic_size // ctx.world_size,
                                   size=args.image_size, **common)
@@ -360,24 +526,24 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
     if steps_per_epoch < 1:
         raise ValueError(f"--accum {args.accum} needs {args.accum} batches per epoch, but each rank has {len(loader)}")
 
-    # 3. Model: SimSiam encoder + predictor; SyncBN, channels_last, DDP, compile.
-    built = build_simsiam(ctx, args.arch, args.dim, args.pred_dim, args.small_stem, args.proj_layers, args.predictor,
-                          sync_bn=args.sync_bn, channels_last=args.channels_last, compile=args.compile)
+    # 3-4. Model (SimSiam encoder + predictor; SyncBN, channels_last, DDP, compile), loss, optimiser
+    # (lr = base lr × global batch / 256), per-iteration schedule.
+    built, criterion, optimizer = build_model(args, ctx)
     model = built.model
-
-    # 4. Loss, optimiser (lr = base lr × global batch / 256), per-iteration schedule.
-    criterion = SimSiamLoss(args.stop_grad, args.similarity, args.symmetric)
-    optimizer = recipe_sgd(model, args.lr * args.batch_size / 256, args.momentum, args.wd, args.fix_pred_lr)
     groups = model.param_groups(args.fix_pred_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambdas(groups, args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)))
 
     # 5. Resume (a file, or 'auto': the newest valid checkpoint in --out), or start a new run folder.
     if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
         RUN_DIR = out
         lists = [i for i in (train_images, val_images) if isinstance(i, ImageList)]
-        if lists:
-            write_skip_list(lists, out / "skipped.txt")
+        if lists or not args.resume or not (out / "skipped.txt").exists():  # shards: bad samples are appended
+            try:
+                write_skip_list(lists, out / "skipped.txt")
+            except OSError as exc:
+                raise write_failed(out / "skipped.txt", exc, "skip list") from exc
     state = None
     if args.resume == "auto":
         found = load_latest(out)
@@ -406,10 +572,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
                 f"the rest of the epoch's order differs from the original run's")
         say(f"resumed from {resume_path} at epoch {start_epoch + 1}, step {start_step}/{steps_per_epoch}"
             if start_step else f"resumed from {resume_path} after epoch {start_epoch}")
-    writer = None
-    if ctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"))
+    writer = TensorBoard(out / "tb") if ctx.is_main else None
 
     # 6. kNN monitor on the val split (each rank decodes its slice), first on the randomly initialised model.
     bank = queries = None
@@ -434,7 +597,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
             "rng": rng_state(), "history": history, "curve": curve,
             "args": {**vars(args), "world_size": ctx.world_size}}, out)
 
-    # 7. Train: read scalars back every --log-every steps; stop cleanly on SIGTERM/SIGINT.
+    # 7. Train: read scalars back every --log-every steps, and at every checkpoint; stop cleanly on SIGTERM/SIGINT.
     log = RunLog(curve, CollapseDetector(args.dim, args.similarity), writer,
                  tqdm.write if ctx.is_main else (lambda *a, **k: None))
     save_unit, save_every = args.save_every or (None, None)
@@ -442,8 +605,15 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
     show_bar = ctx.is_main and not args.no_progress and sys.stderr.isatty()
     readback = StatsReadback(ctx)
+    vote = HostVote(ctx)  # under DDP: the step at which every rank stops or saves (a CPU exchange, no device sync)
     model.train()
     profiler = StepProfiler(out / "profile", args.profile_schedule, device, enabled=args.profile and ctx.is_main)
+    resume_hint = f"resume: the same command with --resume auto --out {out} (or --resume {out / 'checkpoint.pth'})"
+
+    def stopped(signum: float, where: str) -> TrainingInterrupted:
+        name = signal.Signals(int(signum)).name
+        return TrainingInterrupted(f"stopped by {name} {where}; checkpoint written; {resume_hint}", 128 + int(signum))
+
     with GracefulStop(announce=ctx.is_main) as stop:
         for epoch in range(start_epoch, last_epoch):
             first = start_step if epoch == start_epoch else 0
@@ -452,37 +622,38 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
             bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step",
                        disable=not show_bar, dynamic_ncols=True)
             batches = iter(loader)
-            t0, seen, halted = time.time(), 0, False
+            t0, seen, halt = time.time(), 0, 0.0
             try:
                 for step in range(first, steps_per_epoch):
                     stats = train_step(built.step_model, criterion, batches, optimizer, precision, args.accum)
                     scheduler.step()
                     profiler.step()
                     bar.update(1)
-                    readback.add(scheduler.last_epoch, stats)
+                    done = scheduler.last_epoch  # optimiser steps of the whole run so far
+                    readback.add(done, stats)
                     seen += stats.images * ctx.world_size
                     last = step == steps_per_epoch - 1
-                    halt = stop.requested and not ctx.distributed  # one process: stop at once
-                    if not (len(readback) >= args.log_every or last or halt):
+                    # Host-only checks, every step: a stop signal (its number) and the save clock. Under DDP
+                    # the ranks agree on both one step later; alone, at once.
+                    clock = save_unit == "seconds" and time.time() - last_save_time >= save_every
+                    halt, clock_step = vote.poll(stop.signum or 0, done if clock else 0)
+                    due = not last and ((save_unit == "steps" and done - last_save_step >= save_every)
+                                        or clock_step > last_save_step)
+                    if not (len(readback) >= args.log_every or last or halt or due):
                         continue
-                    rows, (agreed_stop,) = readback.read((stop.requested,))  # the loop's one host sync
-                    halt = halt or agreed_stop
+                    rows, _ = readback.read()  # the loop's one host sync (also before every checkpoint)
                     now = time.time()
                     ips = seen / max(now - t0, 1e-9)
                     log.add(rows, optimizer.param_groups[0]["lr"], ips)
                     if rows and not math.isnan(rows[-1][1]):
                         bar.set_postfix(loss=f"{rows[-1][1]:.3f}", z_std=f"{rows[-1][2]:.4f}", img_s=f"{ips:.0f}")
-                    due = save_unit is not None and (
-                        (save_unit == "steps" and scheduler.last_epoch - last_save_step >= save_every)
-                        or (save_unit == "seconds" and now - last_save_time >= save_every))
                     if (halt or due) and not last:
                         if ctx.is_main:
                             path = checkpoint(epoch, step + 1, log.snapshot(seen, now - t0))
                             if not halt:
                                 bar.write(f"checkpoint: {path} (epoch {epoch + 1}, step {step + 1})")
-                        last_save_time, last_save_step = now, scheduler.last_epoch
+                        last_save_time, last_save_step = now, done
                     if halt:
-                        halted = True
                         break
             finally:
                 bar.close()
@@ -494,10 +665,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
                 Path(args.record_keys).mkdir(parents=True, exist_ok=True)
                 (Path(args.record_keys) / f"epoch{epoch + 1}-rank{ctx.rank}.txt").write_text(
                     "".join(k + "\n" for k in getattr(loader, "keys", [])))
-            resume_hint = f"resume: the same command with --resume auto --out {out} (or --resume {out / 'checkpoint.pth'})"
-            if halted and step < steps_per_epoch - 1:
-                raise TrainingInterrupted(f"stopped by {stop.name} at epoch {epoch + 1}, step {step + 1}/"
-                                          f"{steps_per_epoch}; checkpoint written; {resume_hint}", 128 + stop.signum)
+            if halt and step < steps_per_epoch - 1:
+                raise stopped(halt, f"at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}")
             record = log.record(epoch + 1, seen, seconds)
             record.update(evaluate(model, bank, queries, args, ctx, precision))
             history.append(record)
@@ -508,20 +677,23 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
                     if k != "epoch":
                         writer.add_scalar(f"epoch/{k}", v, epoch + 1)
                 checkpoint(epoch + 1, 0, {})
-                save_atomic(backbone_state_dict(model.backbone), out / f"backbone_{args.arch}.pth")
+                save_atomic(backbone_state_dict(model.backbone), out / f"backbone_{args.arch}.pth", "backbone")
             last_save_time, last_save_step = time.time(), scheduler.last_epoch
-            if halted:  # the signal came during the epoch's last step: the epoch is complete and saved
-                raise TrainingInterrupted(f"stopped by {stop.name} at the end of epoch {epoch + 1}; checkpoint "
-                                          f"written; {resume_hint}", 128 + stop.signum)
-    for trace in profiler.stop():
-        say(f"profiler trace: {trace} (Perfetto / chrome://tracing; python bench/trace_summary.py {trace})")
-    summary = {"out": str(out), "history": history, "curve": curve, "minutes": (time.time() - started) / 60,
-               "skipped_steps": sum(h.get("skipped_steps", 0) for h in history), "world_size": ctx.world_size}
-    if ctx.is_main:
-        writer.close()
-        (out / "history.json").write_text(json.dumps(history, indent=1))
-        plot_run(history, curve, out / "curves.png", args.dim, steps_per_epoch, log.detector.fired_at)
-        print_summary(summary, args)
+            # A signal during the epoch's last step, its evaluation or its checkpoint: the epoch is complete and
+            # saved, stop here rather than after one more step.
+            halt = halt or (vote.now(stop.signum or 0)[0] if epoch + 1 < last_epoch else 0)
+            if halt:
+                raise stopped(halt, f"at the end of epoch {epoch + 1}")
+        vote.close()
+        for trace in profiler.stop():
+            say(f"profiler trace: {trace} (Perfetto / chrome://tracing; python bench/trace_summary.py {trace})")
+        summary = {"out": str(out), "history": history, "curve": curve, "minutes": (time.time() - started) / 60,
+                   "skipped_steps": sum(h.get("skipped_steps", 0) for h in history), "world_size": ctx.world_size}
+        if ctx.is_main:
+            writer.close()
+            atomic_write_text(out / "history.json", json.dumps(history, indent=1), "history")
+            plot_run(history, curve, out / "curves.png", args.dim, steps_per_epoch, log.detector.fired_at)
+            print_summary(summary, args)
     return summary
 
 
@@ -581,15 +753,27 @@ def log_error() -> Path | None:
 
 
 def cli(argv=None) -> int:
-    """Command-line entry: exit status 0, 1 for an error, 128 + signal after a clean stop."""
+    """Command-line entry: exit status 0, 1 for an error, 128 + signal after a clean stop.
+
+    Under torchrun, what every rank would say alike (a user's mistake, a stop) is printed by local
+    rank 0 alone (:func:`speaks`); a bug's traceback is printed by every rank that hits it.
+    """
+    say = speaks()
     try:
         main(argv)
+    except StopSignal as exc:  # before the training loop: nothing trained, nothing to save
+        if say:
+            print(f"stopped by {exc.name} before the first training step: no checkpoint written by this command",
+                  file=sys.stderr)
+        return exc.code
     except TrainingInterrupted as exc:
-        print(exc, file=sys.stderr)
+        if say:
+            print(exc, file=sys.stderr)
         return exc.code
     except USER_ERRORS as exc:
         log_error()
-        print(f"error: {exc}", file=sys.stderr)
+        if say:
+            print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted (second signal): the last checkpoint.pth in the run folder resumes with --resume",

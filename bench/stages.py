@@ -47,6 +47,7 @@ class Settings:
     small_stem: bool = False
     dim: int = 2048
     pred_dim: int = 512
+    proj_layers: int = 3
     amp: str = "off"
     channels_last: bool = False
     sync_bn: bool = False
@@ -90,7 +91,7 @@ class Trainer:
 
     def __init__(self, s: Settings, ctx: DistContext | None = None):
         ctx = ctx or DistContext(device=s.device)
-        built = build_simsiam(ctx, s.arch, s.dim, s.pred_dim, s.small_stem, sync_bn=s.sync_bn,
+        built = build_simsiam(ctx, s.arch, s.dim, s.pred_dim, s.small_stem, s.proj_layers, sync_bn=s.sync_bn,
                               channels_last=s.channels_last, compile=s.compile)
         s.sync_bn_kind = built.sync_bn
         self.model, self.step_model = built.model.train(), built.step_model

@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from bench.environment import environment  # noqa: E402
 from bench.memory import default_ceiling_mb  # noqa: E402
+from model.host_memory import keep_freed_memory  # noqa: E402
 from model.profiling import DEFAULT_SCHEDULE, StepProfiler, parse_schedule  # noqa: E402
 from bench.report import plot_step_time, plot_throughput, table, write_csv, write_json  # noqa: E402
 from bench.stages import (STAGE_NAMES, STAGES, Settings, Trainer, parse_loader_spec, point_steps, sum_over_ranks,  # noqa: E402
@@ -91,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="3x3 stem without max-pool (paper's CIFAR setting); off by default, as in train.py")
     m.add_argument("--dim", type=int, default=None, help="projector width (default 2048)")
     m.add_argument("--pred-dim", type=int, default=None, help="predictor bottleneck (default 512)")
+    m.add_argument("--proj-layers", type=int, choices=(2, 3), default=3, help="projector depth (train.py --proj-layers)")
     m.add_argument("--amp", choices=AMP_MODES, default="off")
     m.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last model and views (default: on for CUDA, off for CPU)")
@@ -127,6 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="throughput.json of an earlier run with the same model settings: its model-only points "
                         "are the ceiling for this run's end-to-end points when this run has no model stage")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed host memory in the process between steps, as train.py does (model/host_memory.py)")
     f = p.add_argument_group("profiling")
     f.add_argument("--profile", action="store_true",
                    help="also profile a few end-to-end steps at the first batch size (TensorBoard + Chrome JSON)")
@@ -197,7 +201,7 @@ def add_stall_shares(rows: list[dict], reference: list[dict] | None = None) -> N
                 r["stall_share"] = stall_share(r["images_per_s"], model[r["effective_batch"]]["images_per_s"])
 
 
-REFERENCE_KEYS = ("arch", "image_size", "small_stem", "dim", "pred_dim", "amp", "channels_last", "sync_bn", "compile")
+REFERENCE_KEYS = ("arch", "image_size", "small_stem", "dim", "pred_dim", "proj_layers", "amp", "channels_last", "sync_bn", "compile")
 
 
 def load_reference(path: str, config: dict) -> list[dict]:
@@ -215,7 +219,8 @@ def load_reference(path: str, config: dict) -> list[dict]:
         ref_config, rows = data["config"], data["results"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"--reference {path}: not a throughput.json written by bench/throughput.py") from None
-    differ = [k for k in REFERENCE_KEYS if ref_config.get(k) != config.get(k)]
+    older = {"proj_layers": 3}  # results written before the option existed used a 3-layer projector
+    differ = [k for k in REFERENCE_KEYS if ref_config.get(k, older.get(k)) != config.get(k)]
     if ref_config.get("device", "").split(":")[0] != config["device"].split(":")[0]:
         differ.append("device")
     if differ:
@@ -360,6 +365,8 @@ class Sweep:
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark described by parsed ``args``; returns ``{"out", "rows", "env", "config", ...}``."""
     t_start = time.monotonic()
+    if args.keep_freed_memory:
+        keep_freed_memory()  # as train.py: no page faults per step from glibc returning the step's buffers
     ctx = init_from_env(args.device)
     try:
         return _run(args, ctx, t_start)
@@ -379,7 +386,7 @@ def _run(args: argparse.Namespace, ctx: DistContext, t_start: float) -> dict:
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     s = Settings(device=device, rank=ctx.rank, world_size=ctx.world_size, arch=args.arch, image_size=args.image_size, small_stem=args.small_stem,
-                 dim=args.dim, pred_dim=args.pred_dim, amp=args.amp, channels_last=args.channels_last,
+                 dim=args.dim, pred_dim=args.pred_dim, proj_layers=args.proj_layers, amp=args.amp, channels_last=args.channels_last,
                  sync_bn=args.sync_bn, compile=args.compile, workers=args.workers, warmup=args.warmup,
                  repeats=args.repeats, min_images=args.min_images, min_steps=args.min_steps,
                  loader_min_steps=args.loader_min_steps, accum=args.accum,
@@ -407,11 +414,11 @@ def _run(args: argparse.Namespace, ctx: DistContext, t_start: float) -> dict:
             else:
                 unavailable[spec] = why
                 say(f"loader {spec}: unavailable ({why})")
-    config = {k: getattr(args, k) for k in ("arch", "image_size", "small_stem", "dim", "pred_dim", "amp",
+    config = {k: getattr(args, k) for k in ("arch", "image_size", "small_stem", "dim", "pred_dim", "proj_layers", "amp",
                                             "channels_last", "sync_bn", "compile", "workers", "accum", "warmup",
                                             "repeats", "min_images", "min_steps", "loader_min_steps", "budget_s", "memory_ceiling",
                                             "batch_sizes", "stages", "quick", "seed", "max_spread", "remeasure",
-                                            "e2e_tolerance", "time_limit_s", "reference")}
+                                            "e2e_tolerance", "time_limit_s", "reference", "keep_freed_memory")}
     config.update(device=str(device), world_size=ctx.world_size, num_images=len(s.images) if s.images is not None else None,
                   data=str(getattr(s.images, "root", s.images)) if s.images is not None else None, loaders=loaders,
                   unavailable=unavailable)

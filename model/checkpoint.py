@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.writes import atomic_write, fsync_dir, remove_quietly, temporary_path, torch_save, write_failed
+
 CHECKPOINT = "checkpoint.pth"
 PREVIOUS = "checkpoint.prev.pth"
 REQUIRED = ("model", "optimizer", "epoch")
@@ -24,60 +26,75 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, not one this trainer wrote, or could not be written."""
 
 
-def _write_synced(obj, tmp: Path) -> None:
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def save_atomic(obj, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` through a temporary file and an atomic rename.
+def _write_synced(obj, tmp: Path) -> int:
+    """``torch.save(obj)`` into ``tmp``, flushed to disk; returns the bytes written.
 
     Raises:
-        OSError: the write failed (disk full, read-only folder); ``path`` is untouched.
+        OSError: a write failed (the real one, not torch's zip-writer ``RuntimeError``).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        _write_synced(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with open(tmp, "wb") as f:
+        torch_save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+        return f.tell()
+
+
+def save_atomic(obj, path: str | os.PathLike, what: str = "") -> Path:
+    """``torch.save(obj)`` to ``path`` through a temporary file and an atomic rename.
+
+    Args:
+        what: what the file is (``"backbone"``), for the error message.
+
+    Raises:
+        pipeline.writes.WriteFailed: (an ``OSError``) the write failed (disk full, read-only
+            folder, I/O error); one line names the file and the cause, ``path`` is untouched and
+            no temporary file is left.
+    """
+    return atomic_write(path, lambda f: torch_save(obj, f), what)
 
 
 def save_checkpoint(state: dict, folder: str | os.PathLike) -> Path:
     """Write ``state`` as ``folder/checkpoint.pth``, verified, keeping the previous one as
     ``checkpoint.prev.pth``.
 
+    Order: temporary file → fsync → read back → ``checkpoint.pth`` renamed to
+    ``checkpoint.prev.pth`` → temporary file renamed to ``checkpoint.pth``. A kill at any moment
+    leaves at least one of the two names holding a complete, verified checkpoint
+    (:func:`load_latest` takes the newer that loads); temporary files a killed writer left are
+    removed by the next save.
+
     Returns:
         the path written.
 
     Raises:
         CheckpointError: the write or the read-back check failed (disk full, read-only folder, ...);
-            the message names what failed, and the previous checkpoint is untouched.
+            one line names the file and the cause (with the free space on a full disk) and the
+            previous checkpoint, which is untouched; no temporary file is left.
     """
     folder = Path(folder)
     path, prev = folder / CHECKPOINT, folder / PREVIOUS
-    tmp = folder / f".{CHECKPOINT}.tmp{os.getpid()}"
+    tmp = temporary_path(path)
     for stale in folder.glob(f".{CHECKPOINT}.tmp*"):  # left by a process killed while writing
-        stale.unlink(missing_ok=True)
+        remove_quietly(stale)
+    written = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _write_synced(state, tmp)
+        written = _write_synced(state, tmp)
         load_checkpoint(tmp)  # read back: a checkpoint that cannot be resumed never replaces a good one
         if path.exists():
             os.replace(path, prev)
         os.replace(tmp, path)
     except (OSError, CheckpointError) as exc:
+        if written is None and tmp.exists():
+            written = tmp.stat().st_size
+        remove_quietly(tmp)
         kept = path if path.exists() else prev if prev.exists() else None
-        raise CheckpointError(f"could not write checkpoint {path} ({type(exc).__name__}: {exc}); "
-                              + (f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists")
-                              ) from exc
+        failure = write_failed(path, exc, "checkpoint", written=written)
+        raise CheckpointError(str(failure) + (f"; the previous checkpoint {kept} is intact" if kept
+                                               else "; no earlier checkpoint exists")) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
+    fsync_dir(folder)
     return path
 
 
@@ -85,9 +102,14 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = REQUIRE
     """Load a training checkpoint on the CPU with ``weights_only=True``.
 
     Raises:
-        CheckpointError: the file is missing, damaged/truncated, or lacks ``required`` keys.
+        CheckpointError: the file is missing, a directory (the message names the ``checkpoint.pth``
+            in it, if any), damaged/truncated, or lacks ``required`` keys.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = path / CHECKPOINT
+        hint = f"; it holds {inside}: give that file" if inside.is_file() else f" and holds no {CHECKPOINT}"
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

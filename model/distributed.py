@@ -183,9 +183,10 @@ def init_from_env(device: str = "auto", timeout_min: float = 30.0) -> DistContex
     dev = resolve_device(device)
     if dev.type == "cuda":
         if dev.index is None:
-            if local_rank >= torch.cuda.device_count():
-                raise ValueError(f"local rank {local_rank} needs GPU {local_rank}, but only {torch.cuda.device_count()} "
-                                 f"GPU(s) are visible: start at most that many processes per node")
+            if local_world > torch.cuda.device_count():  # every local rank says so, not just the last ones
+                raise ValueError(f"{local_world} processes on this node need a GPU each, but only "
+                                 f"{torch.cuda.device_count()} GPU(s) are visible: start at most that many "
+                                 f"processes per node")
             dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -225,3 +226,64 @@ def no_sync(model: nn.Module, skip: bool):
     if skip and isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+class HostVote:
+    """Host-side values every rank agrees on at every step, one step late, without a device sync.
+
+    A stop signal reaches the ranks at different moments, and a clock says "a checkpoint is due"
+    at different steps on different ranks; the ranks must nevertheless stop, and read back and
+    save, at the same step, or their collectives no longer match. Every rank calls :meth:`poll`
+    once per step with its own values; the call returns the maximum over ranks of the values every
+    rank passed at its *previous* call. The exchange is an asynchronous all-reduce of a few CPU
+    numbers on a gloo group of its own (started at step k, waited for at step k+1, so it overlaps
+    the step and never waits for the GPU). Without a process group :meth:`poll` returns its
+    arguments at once.
+
+    Args:
+        ctx: the :class:`DistContext`; under a process group every rank must construct it at the
+            same point (it creates a group, a collective call).
+    """
+
+    def __init__(self, ctx: DistContext):
+        self.ctx = ctx
+        self._group = dist.new_group(backend="gloo") if ctx.distributed else None
+        self._work = None
+        self._values: torch.Tensor | None = None
+
+    def _collect(self) -> tuple[float, ...] | None:
+        if self._work is None:
+            return None
+        self._work.wait()
+        self._work = None
+        return tuple(self._values.tolist())
+
+    def poll(self, *values: float) -> tuple[float, ...]:
+        """Contribute this rank's ``values`` (floats; flags as 0/1); get the agreed previous ones.
+
+        Returns:
+            the maximum over ranks of the previous call's values (zeros on the first call); without
+            a process group, ``values`` itself.
+        """
+        if not self.ctx.distributed:
+            return tuple(float(v) for v in values)
+        agreed = self._collect() or (0.0,) * len(values)
+        self._values = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        self._work = dist.all_reduce(self._values, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return agreed
+
+    def now(self, *values: float) -> tuple[float, ...]:
+        """The maximum over ranks of ``values`` at once (a blocking exchange: every rank must call
+        it at the same point, e.g. an epoch boundary). A pending :meth:`poll` is completed first
+        and its result dropped."""
+        if not self.ctx.distributed:
+            return tuple(float(v) for v in values)
+        self._collect()
+        x = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self._group)
+        return tuple(x.tolist())
+
+    def close(self) -> None:
+        """Complete a pending exchange (before the process group is destroyed)."""
+        if self.ctx.distributed:
+            self._collect()

@@ -50,7 +50,11 @@ def _z_std_panel(ax, dim: int | None, legend_all: bool = True) -> None:
 
 def plot_run(history: list[dict], curve: list[list[float]], path: str | Path, dim: int | None = None,
              per_epoch: float | None = None, warning_step: int | None = None) -> Path:
-    """``curves.png`` of one run (:func:`run_figure`'s panels) written to ``path``; returns ``path``."""
+    """``curves.png`` of one run (:func:`run_figure`'s panels) written to ``path``; returns ``path``.
+
+    Raises:
+        pipeline.writes.WriteFailed: ``path`` could not be written (one line; the previous file intact).
+    """
     return _save(run_figure(history, curve, dim, per_epoch, warning_step), path)
 
 
@@ -60,10 +64,17 @@ def plot_study(runs: dict[str, dict], path: str | Path, dim: int | None = None) 
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
+    """PNG of ``fig`` written whole or not at all (:func:`pipeline.writes.atomic_write`).
+
+    Raises:
+        pipeline.writes.WriteFailed: the file could not be written; the previous one is intact.
+    """
+    from pipeline.writes import atomic_write
+
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), "plot")
+    finally:
+        _pyplot().close(fig)
 
 
 def run_figure(history: list[dict], curve: list[list[float]], dim: int | None = None,

@@ -7,7 +7,11 @@ averaged over ranks); only rank 0 has a TensorBoard writer and prints.
 """
 from __future__ import annotations
 
+import threading
+from pathlib import Path
 from typing import Callable
+
+from pipeline.writes import write_failed
 
 from .collapse import CollapseDetector
 
@@ -72,3 +76,63 @@ class RunLog:
         t = self.snapshot(images, seconds)
         return {"epoch": epoch, "loss": t["loss_sum"] / max(1, t["steps"]), "z_std": t["z_std_sum"] / max(1, t["steps"]),
                 "images_per_s": t["images"] / max(t["seconds"], 1e-9), "skipped_steps": int(t["nonfinite"])}
+
+
+_thread_hook = None
+
+
+def _quiet_event_thread(args) -> None:
+    """``threading.excepthook`` that does not print an ``OSError`` of TensorBoard's event-writer
+    thread: the writer raises it again in the training thread at its next call, where
+    :class:`TensorBoard` turns it into one line."""
+    if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+        return
+    _thread_hook(args)
+
+
+class TensorBoard:
+    """Rank 0's TensorBoard ``SummaryWriter`` whose write failures name the event file.
+
+    TensorBoard appends events from a thread of its own; when a write fails there (a full disk),
+    the thread stops and its next ``add_scalar`` / ``flush`` / ``close`` raises the ``OSError``
+    without a file name. Here that becomes :class:`pipeline.writes.WriteFailed`, one line naming
+    the event file, the cause and the free space; the thread's own traceback is not printed.
+
+    Args:
+        logdir: the TensorBoard folder (``<run>/tb``).
+
+    Raises:
+        pipeline.writes.WriteFailed: (from the constructor and every method) a write failed.
+    """
+
+    def __init__(self, logdir: str | Path):
+        global _thread_hook
+        from torch.utils.tensorboard import SummaryWriter
+
+        if _thread_hook is None:
+            _thread_hook = threading.excepthook
+            threading.excepthook = _quiet_event_thread
+        self.path: Path | str = Path(logdir)
+        self.writer = self._guard(SummaryWriter, str(logdir))
+        self.path = getattr(self.writer.file_writer.event_writer, "_file_name", logdir)
+        self.failed = False
+
+    def _guard(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            self.failed = True
+            raise write_failed(self.path, exc, "TensorBoard log") from exc
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        """``SummaryWriter.add_scalar``."""
+        self._guard(self.writer.add_scalar, tag, value, step)
+
+    def flush(self) -> None:
+        """Write pending events."""
+        self._guard(self.writer.flush)
+
+    def close(self) -> None:
+        """Write pending events and close the file (nothing more is tried after a failure)."""
+        if not self.failed:
+            self._guard(self.writer.close)

@@ -8,6 +8,7 @@ dependencies (DALI, FFCV) are imported only when chosen.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from .augment import AugmentConfig, recipe
@@ -16,6 +17,42 @@ from .feed import Feed
 from .sources import open_source
 
 LOADERS = ("torch", "dali", "ffcv", "torchvision-gpu", "synthetic")
+
+CPU_COST_MS = {"torch": 3.7, "torchvision-gpu": 0.51, "dali": 0.19}
+"""Core-milliseconds an image costs each loader on the CPU (two views, Fashion-MNIST at 28 px, batch
+128, 2 workers; 2026-12-03 on the project's 2-core AMD EPYC, AVX2; docs/loaders.md has the command).
+For scale: the default model's step costs about 6.7 core-ms an image there, so the torch loader
+takes a third of the cores from it and DALI 3%."""
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be found (its parent packages are imported to look; a broken parent
+    counts as not installed)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def pick_loader(source, device) -> tuple[str, str]:
+    """``--loader auto``: the cheapest loader this install has for ``source`` on ``device``.
+
+    Returns:
+        ``(name, reason)``: ``dali`` when NVIDIA DALI is importable (its CPU graph costs the least
+        per image, :data:`CPU_COST_MS`; on a GPU it decodes with nvJPEG) and the source is an
+        ImageFolder split; else ``torchvision-gpu`` on a GPU and ``torch`` on the CPU. Tar shards get
+        ``torch``: it skips and counts a bad sample where DALI's reader stops the run (NVIDIA/DALI#3913);
+        ``--loader dali`` reads the writer's validated shards faster.
+    """
+    if getattr(source, "kind", None) == "shards":
+        return "torch", "for tar shards: it skips and counts bad samples; --loader dali reads them faster"
+    if _installed("nvidia.dali"):
+        where = "nvJPEG on the GPU" if getattr(device, "type", str(device)) == "cuda" else \
+            f"{CPU_COST_MS['dali']} core-ms an image on the CPU against torch's {CPU_COST_MS['torch']}"
+        return "dali", f"installed, the cheapest: {where}"
+    if getattr(device, "type", str(device)) == "cuda":
+        return "torchvision-gpu", "DALI is not installed; decodes with nvJPEG on the GPU"
+    return "torch", "DALI is not installed (pip install -e '.[dali]' makes the CPU loader about 20x cheaper)"
 
 
 def backend_class(name: str, source=None) -> type:
@@ -84,5 +121,5 @@ def build_loader(name: str, source=None, aug: AugmentConfig | None = None, **opt
     return cls(source, aug, feed, **own)
 
 
-__all__ = ["AugmentConfig", "Feed", "LOADERS", "TwoViewBatch", "backend_class", "build_loader", "open_source",
-           "recipe"]
+__all__ = ["AugmentConfig", "CPU_COST_MS", "Feed", "LOADERS", "TwoViewBatch", "backend_class", "build_loader",
+           "open_source", "pick_loader", "recipe"]

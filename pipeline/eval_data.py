@@ -20,6 +20,7 @@ from .device import to_training_layout
 from .sources.imagefolder import ImageList, decode_rgb, load_rgb
 from .sources.shards import ShardSource
 from .sources.tar_samples import BadSample, read_piece
+from .workers import ignore_stop_signals, stop_signals_deferred
 
 
 def _plain(size: int) -> v2.Compose:
@@ -88,9 +89,12 @@ class EvalImages:
         data = _PlainShards(part, aug.size) if isinstance(part, ShardSource) else _Plain(part.samples, aug.size)
         if isinstance(part, ShardSource):  # a limit on a counted source is one reader's count
             workers = 0 if part.limit is not None else min(workers, len(data.pieces))
-        loader = DataLoader(data, batch_size=256, num_workers=workers)
+        loader = DataLoader(data, batch_size=256, num_workers=workers,
+                            worker_init_fn=ignore_stop_signals)  # a stop signal is the caller's (pipeline.workers)
+        with stop_signals_deferred():
+            batches = iter(loader)
         xs, ys = [], []
-        for x, y in loader:
+        for x, y in batches:
             xs.append(x)
             ys.append(y)
         s = aug.size

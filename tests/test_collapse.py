@@ -20,12 +20,12 @@ def batches(fmnist_slice):
     return list(loader)
 
 
-def record(batches, stop_gradient=True, predictor="learned", steps=40):
+def record(batches, stop_gradient=True, predictor="learned", steps=40, lr=0.4):
     """A real curve ``[[step, loss, z_std], ...]``: Fashion-MNIST 8 px, small-stem resnet18, dim 256."""
     torch.manual_seed(0)
     model = SimSiam("resnet18", dim=DIM, pred_dim=64, small_image=True, predictor_mode=predictor)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.4, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     crit, precision = SimSiamLoss(stop_gradient=stop_gradient), Precision("off", torch.device("cpu"))
     curve = []
     for i in range(steps):
@@ -47,8 +47,12 @@ def test_fires_once_without_stop_gradient_and_never_on_the_healthy_run(batches):
 
 
 def test_fires_with_the_identity_predictor(batches):
-    # slower than without stop-gradient (as at 16 px: warning at step 140 vs 80 of 240)
-    assert first_warning(record(batches, True, "identity", steps=50), DIM, every=10) is not None
+    # slower than without stop-gradient (as at 16 px: warning at step 140 vs 80 of 240); at lr 0.4 it sat on
+    # the thresholds (fired at step 60 of 80 on one CPU, never on another: float rounding differs by kernel).
+    # At lr 0.8 (the 16 px study's) the medians of steps 20-60 read loss -0.76..-0.84, z-std 0.43-0.51/sqrt(dim)
+    # (AMD EPYC, AVX2), clear of the -0.7 and 0.65 thresholds
+    fired = first_warning(record(batches, True, "identity", steps=60, lr=0.8), DIM, every=10)
+    assert fired is not None and fired[0] <= 60
 
 
 def test_fires_once_and_reads_the_window_not_one_step():

@@ -21,7 +21,7 @@ from model.simsiam import SimSiam
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-TINY = ["--image-size", "8", "--small-stem", "--dim", "64", "--pred-dim", "16", "-b", "40", "-j", "0",
+TINY = ["--loader", "torch", "--image-size", "8", "--small-stem", "--dim", "64", "--pred-dim", "16", "-b", "40", "-j", "0",
         "--knn-bank", "120", "--knn-queries", "120", "--knn-k", "20", "--log-every", "2"]
 
 
@@ -116,6 +116,41 @@ def test_killed_worker_restarts_and_ends_with_the_uninterrupted_weights(ddp_run,
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_one_checkpoint(ddp_run, data, tmp_path):
+    # torchrun's agent forwards a SIGTERM to each rank's whole process group (DataLoader workers included,
+    # -j 2); the ranks agree on the step, rank 0 writes one checkpoint, every rank exits 143
+    reference, _ = ddp_run
+    out, codes = tmp_path / "run", tmp_path / "codes"
+    codes.mkdir()
+    cmd = [*TORCHRUN, "tests/dist/faulty_train.py", "--data", str(data), "--out", str(out), "--epochs", "2",
+           *TINY, "-j", "2", "--log-every", "20"]
+    # rank 0 signals its parent, the agent, after its 3rd step
+    res = launch(cmd, {"FAULT_STEP": "3", "FAULT_SIGNAL": "TERM", "FAULT_TARGET": "parent", "EXIT_CODE_DIR": str(codes)})
+    assert res.returncode != 0  # torchrun's own status after a SIGTERM (it re-raises it)
+    assert sorted(p.name for p in codes.iterdir()) == ["rank0", "rank1"], res.stderr[-3000:]
+    assert [(codes / f"rank{r}").read_text() for r in (0, 1)] == ["143", "143"], res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "DataLoader worker" not in log and log.count("stopped by SIGTERM at epoch") == 1, log[-3000:]
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    where = f"stopped by SIGTERM at epoch {state['epoch'] + 1}, step {state['step']}/5; checkpoint written"
+    assert where in log and state["step"] >= 3, log[-3000:]
+    assert not list(out.glob(".*.tmp*"))
+    ok(launch([*TORCHRUN, "train.py", "--data", str(data), "--out", str(out), "--epochs", "2", "--resume", "auto",
+               *TINY, "-j", "2"]))
+    a, b = final_weights(reference), final_weights(out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_users_mistake_is_printed_once_under_torchrun(data, tmp_path):
+    res = launch([*TORCHRUN, "train.py", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), *TINY],
+                 timeout=120)
+    assert res.returncode != 0
+    assert res.stderr.count(f"error: data folder {tmp_path / 'nowhere'} does not exist") == 1, res.stderr[-3000:]
+    res = launch([*TORCHRUN, "train.py", "--epochs", "-1", *TINY], timeout=120)
+    assert res.stderr.count("--epochs must be >= 0") == 1, res.stderr[-3000:]
 
 
 def test_every_restarted_attempt_meets_its_new_peers_not_the_dead_ones(tmp_path):

@@ -20,7 +20,7 @@ import train
 from model import checkpoint as ckpt_module
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--image-size", "8", "--small-stem", "--dim", "64", "--pred-dim", "16", "-b", "40", "-j", "0",
+TINY = ["--loader", "torch", "--image-size", "8", "--small-stem", "--dim", "64", "--pred-dim", "16", "-b", "40", "-j", "0",
         "--no-knn", "--log-every", "2", "--epochs", "2"]
 
 
@@ -28,6 +28,34 @@ def run(args, env_extra=None, script="train.py", **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env, **kw)
+
+
+def group_is_empty(pgid, within=15.0):
+    """Whether no process of process group ``pgid`` is left, waiting up to ``within`` seconds."""
+    end = time.time() + within
+    while time.time() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def run_in_own_group(args, env_extra, timeout=300):
+    """``tests/dist/faulty_train.py args`` as the leader of a new session and process group (so that a
+    signal to its group reaches it and its DataLoader workers, never pytest); returns the result and
+    whether the group was empty afterwards."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
+    proc = subprocess.Popen([sys.executable, "tests/dist/faulty_train.py", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), group_is_empty(proc.pid)
 
 
 def weights(folder):
@@ -69,6 +97,55 @@ def test_sigterm_mid_epoch_checkpoints_the_position_and_resume_matches(data, ref
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed from" in res.stdout and "at epoch 1, step 3/5" in res.stdout
     assert_same_weights(reference, out)
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_the_step_and_resume_matches(
+        data, reference, tmp_path):
+    # what Slurm (scancel, preemption, time limit) and kill -TERM -PGID do: every process of the group,
+    # the two DataLoader workers included, gets SIGTERM after step 3; --log-every 20 is longer than the run
+    out = tmp_path / "run"
+    args = ["--data", str(data), "--out", str(out), *TINY, "-j", "2", "--log-every", "20"]
+    res, empty = run_in_own_group(args, {"FAULT_STEP": "3", "FAULT_SIGNAL": "TERM", "FAULT_TARGET": "group"})
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr[-3000:]
+    assert "stopped by SIGTERM at epoch 1, step 3/5; checkpoint written" in res.stderr
+    assert "DataLoader worker" not in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert empty, "a process of the run's group outlived it"
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 3)
+    res = run(["--data", str(data), "--out", str(out), "--resume", "auto", *TINY, "-j", "2", "--log-every", "20"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "at epoch 1, step 3/5" in res.stdout
+    assert_same_weights(reference, out)
+
+
+def test_save_every_steps_bounds_what_a_sigkill_loses_whatever_log_every(data, reference, tmp_path):
+    # --save-every 2steps with --log-every 20: the checkpoint of step N is written after step N, so a
+    # SIGKILL at a random step (during the step: its update is lost too) costs at most 2 steps
+    out = tmp_path / "run"
+    step = random.randrange(3, 10)  # of 10 (2 epochs of 5): any step after the first save
+    args = ["--data", str(data), "--out", str(out), "--resume", "auto", "--save-every", "2steps", *TINY,
+            "--log-every", "20"]
+    res = run(args, {"FAULT_STEP": str(step), "FAULT_SIGNAL": "KILL"}, script="tests/dist/faulty_train.py")
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    saved = state["epoch"] * 5 + state["step"]
+    assert step - 2 <= saved < step, f"killed during step {step}, newest checkpoint after step {saved}"
+    res = run(args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not list(out.glob(".*.tmp*"))
+    assert_same_weights(reference, out)
+
+
+def test_a_folder_given_as_checkpoint_says_so_and_names_the_file_in_it(reference, tmp_path):
+    for script in ("knn_eval.py", "linear_eval.py"):
+        res = subprocess.run([sys.executable, script, str(reference)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 1
+        assert res.stderr.strip() == (f"error: checkpoint {reference} is a directory, not a file; it holds "
+                                      f"{reference / 'checkpoint.pth'}: give that file"), res.stderr
+    res = subprocess.run([sys.executable, "knn_eval.py", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert res.stderr.strip() == f"error: checkpoint {tmp_path} is a directory, not a file and holds no checkpoint.pth"
 
 
 def test_sigkill_at_three_random_moments_then_resume_matches(data, reference, tmp_path):
@@ -172,9 +249,13 @@ def test_help_shows_each_default_once():
             lines[current] += " " + ln.strip()
         else:
             current = None
-    for opt, default in (("--epochs", "3"), ("--momentum", "0.9"), ("--wd", "0.0001"), ("-a", "resnet18"),
+    for opt, default in (("--epochs", "3"), ("-a", "resnet18"),
                          ("--seed", "0"), ("--knn-k", "200"), ("--knn-t", "0.1"), ("--amp", "off"),
                          ("--predictor", "learned"), ("--accum", "1"), ("--log-every", "20")):
         assert f"(default: {default})" in lines[opt], lines[opt]
+    # the optimiser's constants come from --recipe: each preset's value is shown, once
+    for opt, values in (("--momentum", "fmnist 0.9, imagenet 0.9, cifar 0.9"),
+                        ("--wd", "fmnist 0.0005, imagenet 0.0001, cifar 0.0005")):
+        assert lines[opt].count("(default:") == 1 and f"(default: from --recipe: {values})" in lines[opt], lines[opt]
     for ln in lines.values():
         assert ln.count("(default:") <= 1, ln

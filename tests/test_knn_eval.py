@@ -9,7 +9,7 @@ import knn_eval
 import train
 from model.evaluate import knn_top1, topk_correct
 
-TINY = ["--image-size", "8", "--small-stem", "--dim", "128", "--pred-dim", "32", "-b", "50", "--no-progress", "-j", "0"]
+TINY = ["--loader", "torch", "--image-size", "8", "--small-stem", "--dim", "128", "--pred-dim", "32", "-b", "50", "--no-progress", "-j", "0"]
 
 
 def one_hot_set(n, classes=10, seed=0):

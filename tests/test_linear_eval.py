@@ -19,7 +19,7 @@ from model.frozen import BackboneChanged, check_unchanged, infer_arch, load_pret
 from model.lars import LARS
 from model.precision import Precision
 
-TINY = ["--image-size", "8", "--small-stem", "--dim", "128", "--pred-dim", "32", "-b", "50", "--no-progress", "-j", "0"]
+TINY = ["--loader", "torch", "--image-size", "8", "--small-stem", "--dim", "128", "--pred-dim", "32", "-b", "50", "--no-progress", "-j", "0"]
 
 
 def test_lars_one_step_matches_hand_computation():

@@ -15,7 +15,7 @@ from model.step import train_step
 from model.training import recipe_sgd
 from pipeline import build_loader, recipe
 
-TINY = ["--image-size", "8", "--small-stem", "--dim", "128", "--pred-dim", "32", "-b", "50", "--no-progress"]
+TINY = ["--loader", "torch", "--image-size", "8", "--small-stem", "--dim", "128", "--pred-dim", "32", "-b", "50", "--no-progress"]
 
 
 def run(root, out, *extra):

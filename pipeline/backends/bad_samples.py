@@ -54,6 +54,7 @@ class BadSampleLog:
             return
         self.count += sum(b.count for b in bad)
         if self.skip_log is not None:
+            Path(self.skip_log).parent.mkdir(parents=True, exist_ok=True)  # the run's folder may not exist yet
             with open(self.skip_log, "a") as f:
                 f.write("".join(b.line() + "\n" for b in bad))
         if self.count > self.max_bad_fraction * self.num_samples:

@@ -189,6 +189,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "simsiam-fast"
 
 
+def cache_unwritable(loader: str, what: str, folder: str | os.PathLike, exc: BaseException,
+                     way_out: str = "") -> OSError:
+    """The one line every loader says when it must cache something and cannot (an ``OSError``):
+
+    ``--loader L must cache WHAT in FOLDER, which cannot be written (CAUSE); set XDG_CACHE_HOME to
+    a writable folder[WAY_OUT]``. Loaders with nothing to cache never say it (the scan's cache is
+    optional: it only warns).
+    """
+    from ..writes import WriteFailed, describe
+
+    return WriteFailed(f"--loader {loader} must cache {what} in {folder}, which cannot be written ({describe(exc)}); "
+                       f"set XDG_CACHE_HOME to a writable folder{way_out}", getattr(exc, "errno", None), str(folder))
+
+
 def _cache_path(root: Path) -> Path:
     return cache_dir() / f"scan-{hashlib.sha1(str(root).encode()).hexdigest()[:16]}.json"
 

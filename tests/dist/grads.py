@@ -8,8 +8,11 @@ compares the DDP gradient (after its all-reduce) with their mean. Checked twice:
 import copy
 import json
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's modules, not an installed copy's
 
 from model.distributed import init_from_env, destroy
 from model.loss import SimSiamLoss

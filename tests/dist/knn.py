@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's modules, not an installed copy's
+
 import train
 from model.distributed import DistContext, destroy, init_from_env
 from model.precision import Precision

@@ -37,6 +37,7 @@ module adds around the graph:
 """
 from __future__ import annotations
 
+import ctypes
 import warnings
 
 import torch
@@ -108,6 +109,26 @@ def delivered_view(x: torch.Tensor, backend: Backend) -> torch.Tensor:
     if backend.channels_last:
         x = x.permute(0, 3, 1, 2)
     return to_training_layout(x, backend.device, backend.channels_last, backend.dtype)
+def release_freed_heap() -> None:
+    """Return the C heap's free memory to the OS (glibc ``malloc_trim(0)``; elsewhere nothing).
+
+    Every epoch builds a new DALI pipeline, and destroying it frees all of its memory (no pipeline
+    object outlives its epoch), but glibc keeps the freed blocks: measured here on the CPU, the
+    process's resident memory rose by 0.25-0.45 MiB per rebuild, 48 MiB over 200 rebuilds, with
+    no end in sight; with ``malloc_trim(0)`` after each rebuild it stayed flat (within 1 MiB). One
+    call per epoch costs milliseconds.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _name_the_file(exc: Exception, files: list[str]) -> str | None:
@@ -222,6 +243,7 @@ class DaliLoader(Backend):
                 yield TwoViewBatch(delivered_view(out["view1"], self), delivered_view(out["view2"], self), label)
         finally:
             del iterator
+            release_freed_heap()  # the epoch's pipeline is gone: give its freed memory back (see the function)
 
     def _decode_error(self, exc: RuntimeError, files: list[str], start: int = 0) -> DaliDecodeError:
         """A one-paragraph error naming the file DALI stopped on: from DALI's message, or else by

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from ...sources.formats import DALI_KINDS, file_kinds
-from ...sources.imagefolder import ImageList, cache_dir, load_rgb
+from ...sources.imagefolder import ImageList, cache_dir, cache_unwritable, load_rgb
+from ...writes import remove_quietly
 
 
 def png_copy(path: str, folder: str | os.PathLike | None = None) -> Path:
@@ -17,20 +18,28 @@ def png_copy(path: str, folder: str | os.PathLike | None = None) -> Path:
     concurrent ranks and interrupted runs never leave a partial copy.
 
     Raises:
-        OSError: the source cannot be read or the copy cannot be written.
+        OSError: the source cannot be read or the copy cannot be written (in the default folder:
+            :func:`pipeline.sources.imagefolder.cache_unwritable`'s one line, with the way out).
     """
     st = os.stat(path)
     key = hashlib.sha1(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    cached = folder is None
     folder = Path(folder) if folder is not None else cache_dir() / "dali-png"
     out = folder / f"{key}.png"
     if not out.exists():
-        folder.mkdir(parents=True, exist_ok=True)
+        image = load_rgb(path)  # an unreadable source is not a cache problem
         tmp = folder / f"{key}.tmp{os.getpid()}.png"
         try:
-            load_rgb(path).save(tmp, compress_level=1)
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(tmp, compress_level=1)
             os.replace(tmp, out)
+        except OSError as exc:
+            if not cached:
+                raise
+            raise cache_unwritable("dali", f"PNG copies of files DALI does not decode (such as {path})", folder,
+                                   exc) from exc
         finally:
-            tmp.unlink(missing_ok=True)
+            remove_quietly(tmp)
     return out
 
 

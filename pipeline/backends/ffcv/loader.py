@@ -62,7 +62,7 @@ from ...device import to_training_layout
 from ...feed import Feed
 from ...gpu_augment import GpuAugment
 from ...sampling import check_batch_size, epoch_seed, shard_order, shard_size
-from ...sources.imagefolder import ImageList
+from ...sources.imagefolder import ImageList, cache_unwritable
 from ...sources.imagefolder import cache_dir as project_cache_dir
 from ..base import Backend, image_list
 from .runtime import import_ffcv, torch_threads_kept
@@ -175,6 +175,9 @@ class FfcvLoader(Backend):
         ValueError: unknown ``order``; ``quasi_random`` with ``world_size > 1``; bad rank /
             world size; batch larger than the shard (all before anything is compiled).
         pipeline.backends.ffcv.write.BetonError: missing, truncated or wrongly-fielded ``.beton``.
+        OSError: the ``.beton`` could not be written (one line naming it; where this loader chose
+            the place, :func:`pipeline.sources.imagefolder.cache_unwritable`'s line with the way out).
+        pipeline.workers.StopSignal: SIGTERM / SIGINT while the ``.beton`` was written.
     """
 
     name = "ffcv"
@@ -204,9 +207,17 @@ class FfcvLoader(Backend):
             beton = source
         if self.images is not None:
             opts = {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality, "write_mode": write_mode}
+            chosen = beton is None  # where the .beton is cached: a choice of ours, not the caller's
             beton = Path(beton) if beton is not None else default_beton_path(self.images, opts, cache_dir)
             if not beton.exists():
-                write_beton(self.images, beton, **opts)
+                try:
+                    write_beton(self.images, beton, **opts)
+                except OSError as exc:
+                    if not chosen:
+                        raise
+                    raise cache_unwritable("ffcv", f"a .beton of {self.images.root}", beton.parent, exc,
+                                           ", or give --ffcv-beton PATH (a .beton to read, or where to write "
+                                           "one)") from exc
         self.beton = Path(beton)
         reader = check_beton(self.beton)
         stored_labels = reader.metadata[f"f{reader.field_names.index('label')}"].tolist()

@@ -18,12 +18,12 @@
    mutating the shared one; the compiled reader has the same signature as FFCV's.
 3. **The writer's progress bar.** ``DatasetWriter`` always draws a tqdm bar, refreshed every
    0.1 s; in a log file (stderr not a terminal) each refresh is one more carriage-return line.
-   :func:`writer_bar` turns it off for one write, so the caller can print lines instead.
+   :mod:`pipeline.backends.ffcv.write` runs FFCV's writing loop itself and draws the bar only on a
+   terminal.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
@@ -37,22 +37,6 @@ def torch_threads_kept():
     finally:
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
-
-
-@contextlib.contextmanager
-def writer_bar(show: bool):
-    """Inside the block, FFCV's ``DatasetWriter`` draws its tqdm bar only if ``show`` (FFCV itself
-    always draws it). FFCV must already be imported (:func:`import_ffcv`); the bar is created in the
-    calling process, so its writer processes need nothing."""
-    import ffcv.writer
-
-    original = ffcv.writer.tqdm
-    if not show:
-        ffcv.writer.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        ffcv.writer.tqdm = original
 
 
 def _os_cache_reader(self):

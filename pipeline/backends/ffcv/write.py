@@ -33,6 +33,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,9 @@ import numpy as np
 from PIL import Image
 
 from ...sources.imagefolder import ORIENTATION, ImageList, oriented, scan_image_folder, to_rgb
-from .runtime import import_ffcv, torch_threads_kept, writer_bar
+from ...workers import StopSignal, ignore_stop_signals, stop_signals_deferred, stop_signals_raise
+from ...writes import WriteFailed, atomic_write_text, describe, fsync_path, remove_quietly, write_failed
+from .runtime import import_ffcv, torch_threads_kept
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 """FFCV ``RGBImageField`` write modes (docs.ffcv.io, "Writing a dataset"): ``raw`` stores pixels,
@@ -136,6 +139,119 @@ def _downscaled(images: ImageList, sizes: np.ndarray) -> dict:
                         for i in largest]}
 
 
+class _Failure:
+    """What went wrong in a writer process, shared with the parent: an errno and one line."""
+
+    def __init__(self):
+        self.errno = mp.Value("i", 0)
+        self.text = mp.Array("c", 400)
+
+    def record(self, exc: BaseException) -> None:
+        self.errno.value = getattr(exc, "errno", None) or 0 if isinstance(exc, OSError) else 0
+        self.text.value = describe(exc).encode(errors="replace")[:399]
+
+    def error(self, process) -> OSError:
+        text = self.text.value.decode(errors="replace")
+        if not text:
+            code = process.exitcode
+            text = (f"a writer process was killed by {signal_name(-code)}" if code and code < 0
+                    else f"a writer process exited with status {code}")
+        return OSError(self.errno.value or None, text)
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _writer_job(work_fn, failure: _Failure, *args) -> None:
+    """One FFCV writer process: stop signals are the parent's (:mod:`pipeline.workers`), and a failure
+    (a full disk while it writes its pages) is reported to the parent in one line, not a traceback."""
+    ignore_stop_signals()
+    try:
+        work_fn(*args)
+    except BaseException as exc:
+        failure.record(exc)
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _watched_writer(show_bar: bool):
+    """FFCV 1.0.2's ``DatasetWriter`` whose ``_write_common`` watches its writer processes.
+
+    FFCV's own waits until the processes have counted every sample: a process that dies (a full
+    disk in its page write, the OOM killer) makes it wait forever, and the others spin waiting for
+    the dead one's page turn. This copy of its logic (same queues, allocator, progress bar and
+    ``finalize``; its tqdm bar only when ``show_bar``, so a log file gets lines, not refreshes) starts the processes through :func:`_writer_job`, collects their allocation
+    lists as they arrive, and when one exits with an error kills all of them and raises its
+    ``OSError``; a :class:`pipeline.workers.StopSignal` in the parent does the same. The metadata
+    shared memory is released in every case.
+    """
+    import ctypes
+
+    from ffcv.memory_allocator import MemoryAllocator
+    from ffcv.writer import DatasetWriter
+    from tqdm import tqdm
+
+    class WatchedWriter(DatasetWriter):
+        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+            self.num_samples = num_samples
+            try:
+                self.prepare()
+                work, allocations_queue = mp.Queue(), mp.Queue()
+                for todo in queue_content:
+                    work.put(todo)
+                for _ in range(self.num_workers):
+                    work.put(None)
+                done = mp.Value(ctypes.c_uint64, 0)
+                allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+                failure = _Failure()
+                args = (work_fn, failure, work, self.metadata_sm, self.metadata_type, self.fields, allocator, done,
+                        allocations_queue, *extra_worker_args)
+                processes = [mp.Process(target=_writer_job, args=args) for _ in range(self.num_workers)]
+                allocations, progress = [], None
+                try:
+                    with stop_signals_deferred():  # the children ignore stop signals from their first instant
+                        for p in processes:
+                            p.start()
+                    progress, shown, received = tqdm(total=num_samples, disable=not show_bar), 0, 0
+                    while received < len(processes):
+                        try:
+                            allocations.extend(allocations_queue.get(timeout=0.1))
+                            received += 1
+                        except queue.Empty:
+                            pass
+                        progress.update(done.value - shown)
+                        shown = done.value
+                        for p in processes:
+                            if p.exitcode not in (None, 0):
+                                raise failure.error(p)
+                finally:
+                    if progress is not None:
+                        progress.close()
+                    if received < len(processes):  # stopped early: nobody reads the queues any more
+                        for p in processes:
+                            if p.is_alive():
+                                p.kill()  # SIGKILL: they ignore SIGTERM
+                        for q in (work, allocations_queue):
+                            q.cancel_join_thread()  # else exiting waits for their unread items to be sent
+                    for p in processes:
+                        if p.pid is not None:
+                            p.join(timeout=30)
+                self.finalize(allocations)
+            finally:
+                sm = getattr(self, "metadata_sm", None)
+                if isinstance(sm, mp.shared_memory.SharedMemory):
+                    sm.close()
+                    sm.unlink()
+
+    return WatchedWriter
+
+
 def file_list_fingerprint(images: ImageList) -> str:
     """SHA-1 over every ``(path, label, size, mtime_ns)`` of ``images`` (hex, 40 characters)."""
     h = hashlib.sha1()
@@ -178,6 +294,11 @@ def write_beton(images: ImageList | str | os.PathLike, out: str | os.PathLike, *
 
     Raises:
         FileExistsError: ``out`` exists and ``overwrite`` is False.
+        pipeline.writes.WriteFailed: (an ``OSError``) the file could not be written: a full disk,
+            an I/O error, a writer process that died; one line names ``out`` and the cause, no
+            temporary file is left and an existing ``out`` is untouched.
+        pipeline.workers.StopSignal: SIGTERM / SIGINT arrived while writing; the writer processes
+            (which ignore those signals) were killed and nothing is left at ``out``.
         ValueError: unknown ``write_mode``, ``jpeg_quality`` outside 0–100, ``max_resolution < 1``.
         ValueError: a file that decoded during the scan failed while writing (nothing is left
             at ``out``).
@@ -187,7 +308,6 @@ def write_beton(images: ImageList | str | os.PathLike, out: str | os.PathLike, *
     """
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     if write_mode not in WRITE_MODES:
         raise ValueError(f"write_mode {write_mode!r} is not one of {', '.join(WRITE_MODES)}")
@@ -209,16 +329,16 @@ def write_beton(images: ImageList | str | os.PathLike, out: str | os.PathLike, *
               f"file(s) skipped; {write_mode}; longest side {max_resolution or 'as in the file'}, at most "
               f"{MAX_RGB_PIXELS / 1e6:.2f} Mpixel per image)", file=sys.stderr, flush=True)
     dataset = _RGBSamples(images, max_resolution)
-    writer = DatasetWriter(str(tmp), {
+    writer = _watched_writer(progress and sys.stderr.isatty())(str(tmp), {
         "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
                                smart_threshold=smart_threshold, compress_probability=compress_probability),
         "label": IntField(),
     }, num_workers=num_workers)
     t0 = time.time()
     try:
-        with torch_threads_kept(), writer_bar(progress and sys.stderr.isatty()):
+        with torch_threads_kept(), stop_signals_raise():  # a stop signal ends the write here, its helpers killed
             writer.from_indexed_dataset(dataset, chunksize=chunksize)
-        mp.active_children()  # reaps FFCV's finished writer processes, which it never joins (zombies otherwise)
+            fsync_path(tmp)
         if dataset.failed.value >= 0:
             bad = images.samples[dataset.failed.value][0]
             raise ValueError(f"{bad} no longer decodes (it changed after the scan); nothing written to {out}")
@@ -227,10 +347,15 @@ def write_beton(images: ImageList | str | os.PathLike, out: str | os.PathLike, *
                 "num_samples": len(images), "labels_sha1": hashlib.sha1(np.asarray(images.labels, np.int64).tobytes()).hexdigest(),
                 "fingerprint": file_list_fingerprint(images), "skipped": images.skipped, **options,
                 "max_pixels": MAX_RGB_PIXELS, "downscaled": downscaled}
-        sidecar_path(out).write_text(json.dumps(meta, indent=1))
+        atomic_write_text(sidecar_path(out), json.dumps(meta, indent=1), "FFCV sidecar")
         os.replace(tmp, out)
+    except OSError as exc:
+        written = tmp.stat().st_size if tmp.exists() else None
+        remove_quietly(tmp)
+        raise (exc if isinstance(exc, WriteFailed) else
+               write_failed(out, exc, "FFCV file", kept=out if out.exists() else None, written=written)) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
     if progress:
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.time() - t0:.1f} s",
               file=sys.stderr, flush=True)
@@ -306,6 +431,9 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except StopSignal as exc:
+        print(f"{exc}: nothing written to {a.out}", file=sys.stderr)
+        return exc.code
     return 0
 
 

@@ -20,6 +20,7 @@ from ...device import to_training_layout
 from ...feed import Feed
 from ...sampling import check_batch_size, epoch_seed
 from ...sources.imagefolder import ImageList, load_rgb
+from ...workers import ignore_stop_signals, stop_signals_deferred
 from ..base import Backend, image_list
 
 
@@ -118,6 +119,7 @@ class TorchLoader(Backend):
             TwoViewDataset(self.images, aug, feed.seed), batch_size=feed.batch_size, sampler=self.sampler,
             num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=True,
             persistent_workers=workers > 0, prefetch_factor=feed.prefetch_or(2) if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals,  # a stop signal is the training process's (pipeline.workers)
         )
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -132,7 +134,9 @@ class TorchLoader(Backend):
         self.sampler.epoch, self.sampler.skip = epoch, self.start * self.batch_size
 
     def __iter__(self):
-        for v1, v2_, label in self.loader:
+        with stop_signals_deferred():  # the workers start here (first epoch): see pipeline.workers
+            batches = iter(self.loader)
+        for v1, v2_, label in batches:
             yield TwoViewBatch(to_training_layout(v1, self.device, self.channels_last, self.dtype),
                                to_training_layout(v2_, self.device, self.channels_last, self.dtype),
                                label.to(self.device, non_blocking=True))

@@ -36,6 +36,7 @@ from ...sampling import check_batch_size, epoch_seed
 from ...sources.imagefolder import decode_rgb
 from ...sources.shards import ShardSource
 from ...sources.tar_samples import BadSample, BadShardData, TarSample, reader_stream
+from ...workers import ignore_stop_signals, stop_signals_deferred
 from ..bad_samples import BadSampleLog, one_line
 from ..base import Backend
 from .loader import view_transform
@@ -137,7 +138,8 @@ class TorchShardLoader(Backend):
             ShardStream(source, aug, self.batch_size, self.seed, self.rank, self.world_size, shuffle_buffer,
                         self._state, record_keys),
             batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0, prefetch_factor=feed.prefetch_or(2) if workers > 0 else None)
+            persistent_workers=workers > 0, prefetch_factor=feed.prefetch_or(2) if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals)  # a stop signal is the training process's (pipeline.workers)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select epoch ``epoch`` and skip its first ``start`` batches (see the module's docstring).
@@ -156,8 +158,10 @@ class TorchShardLoader(Backend):
         return self.bad_log.count
 
     def __iter__(self):
+        with stop_signals_deferred():  # the workers start here (first epoch): see pipeline.workers
+            batches = iter(self.loader)
         try:
-            for v1, v2, label, bad, keys in self.loader:
+            for v1, v2, label, bad, keys in batches:
                 self.bad_log.note(bad)
                 if keys is not None:
                     self.keys.extend(keys)
