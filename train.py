@@ -199,9 +199,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--shard-url", default=None,
                    help="shards: where the index's relative names go, '{}' for the name, e.g. "
                         "'pipe:aws s3 cp s3://bucket/shards/{} -' (default: beside the index)")
-    d.add_argument("--shuffle-buffer", type=int, default=1000, help="shards: samples each loader worker shuffles through")
+    d.add_argument("--shards-resampled", action="store_true",
+                   help="shards: each loader worker draws shards with replacement (seeded by seed, epoch, rank, worker); "
+                        "an epoch is --epoch-samples samples, not a pass over the data")
+    d.add_argument("--epoch-samples", type=int, default=None,
+                   help="--shards-resampled: samples per epoch over all ranks (default: the shards' sample count)")
+    d.add_argument("--shuffle-buffer", type=int, default=1000,
+                   help="shards, --loader torch / torchvision-gpu: samples each loader worker shuffles through")
     d.add_argument("--max-bad-fraction", type=float, default=0.01,
-                   help="shards: stop once more than this share of an epoch's samples were bad (listed in <out>/skipped.txt)")
+                   help="shards, --loader torch / torchvision-gpu: stop once more than this share of an epoch's samples "
+                        "were bad (listed in <out>/skipped.txt; --loader dali stops on the first)")
     d.add_argument("--record-keys", default=None, help=argparse.SUPPRESS)  # shards: write each rank's sample keys here
     d.add_argument("--loader", choices=("auto", *LOADERS), default="auto",
                    help="data pipeline backend; auto: the cheapest installed (dali when installed, else torch on "
@@ -228,6 +235,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--dali-prefetch", type=int, default=2, help="--loader dali: batches DALI prepares ahead")
     d.add_argument("--dali-hw-decoder-load", type=float, default=None,
                    help="--loader dali on a GPU: share of JPEGs sent to the hardware decoder (default: DALI's 0.65)")
+    d.add_argument("--dali-no-mmap", action="store_true",
+                   help="--loader dali from shards: read the tars with plain reads, not mapped (network filesystems)")
     d.add_argument("--synthetic-size", type=int, default=60000, help="images per epoch of --loader synthetic")
     d.add_argument("--ffcv-beton", default=None,
                    help="--loader ffcv: .beton to read (default: written once next to the split, under .ffcv/)")
@@ -309,6 +318,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     f"number, got {value}")
     if args.num_samples is not None and args.num_samples < 1:
         p.error(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.epoch_samples is not None and not args.shards_resampled:
+        p.error("--epoch-samples sets the length of a resampled epoch: add --shards-resampled")
+    if args.epoch_samples is not None and args.epoch_samples < 1:
+        p.error(f"--epoch-samples must be >= 1, got {args.epoch_samples}")
     if not 0.0 <= args.max_bad_fraction <= 1.0:
         p.error(f"--max-bad-fraction must be a share in [0, 1], got {args.max_bad_fraction}")
     if args.shuffle_buffer < 1:
@@ -479,6 +492,11 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
             train_images, val_images = open_splits(args.data, args.on_bad_image, args.num_samples, args.shard_url,
                                                    args.val_data)
             train_images = train_images.subset(args.subset, args.seed)
+            if args.shards_resampled:
+                if not isinstance(train_images, ShardSource):
+                    raise ValueError(f"--shards-resampled draws tar shards; --data {args.data} is not shards "
+                                     f"(write them with python -m pipeline.shards write)")
+                train_images = train_images.resample(args.epoch_samples)
         if args.loader == "auto":
             args.loader, why = pick_loader(train_images, device)
             say(f"loader: {args.loader} ({why}; --loader NAME to choose)")
@@ -494,10 +512,15 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
                 extra = dict(cpu_decode=args.dali_cpu_decode, prefetch=args.dali_prefetch)
                 if args.dali_hw_decoder_load is not None:
                     extra["hw_decoder_load"] = args.dali_hw_decoder_load
-            elif isinstance(train_images, ShardSource):
-                extra = dict(shuffle_buffer=args.shuffle_buffer, max_bad_fraction=args.max_bad_fraction,
-                             skip_log=out / ("skipped.txt" if ctx.is_main else f"skipped.rank{ctx.rank}.txt"),
+            if isinstance(train_images, ShardSource) and args.loader != "ffcv":
+                # what applies to each shard backend: DALI cannot skip a bad sample (it stops on the first
+                # and names it in the skip log) and reads in its own order (no shuffle buffer)
+                extra.update(skip_log=out / ("skipped.txt" if ctx.is_main else f"skipped.rank{ctx.rank}.txt"),
                              record_keys=args.record_keys is not None)
+                if args.loader == "dali":
+                    extra["dont_use_mmap"] = args.dali_no_mmap
+                else:
+                    extra.update(shuffle_buffer=args.shuffle_buffer, max_bad_fraction=args.max_bad_fraction)
             loader = build_loader(args.loader, source=train_images, aug=aug, workers=args.workers, **common, **extra)
     steps_per_epoch = len(loader) // args.accum
     if steps_per_epoch < 1:

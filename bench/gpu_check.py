@@ -11,12 +11,16 @@ with a line naming it. ``OUT_DIR/gpu_check.json`` is rewritten after every secti
 short keeps what it measured.
 
 1. ``env``: ``nvidia-smi``, versions, whether DALI, FFCV and each loader import (``env.json``).
-2. ``data``: generated photo-sized JPEGs (500×375, ImageNet-like) and Fashion-MNIST from its IDX
-   files (``--fmnist-src``; carried to the GPU host: 31 MB).
+2. ``data``: generated photo-sized JPEGs (500×375, ImageNet-like), the same photos as tar shards
+   (``python -m pipeline.shards write``, 64 a shard, with DALI indexes), and Fashion-MNIST from its
+   IDX files (``--fmnist-src``; carried to the GPU host: 31 MB).
 3. ``model``: model-only (synthetic views on the GPU), resnet50 224 px bf16 channels-last, batch
    64 → 2048: the ceiling, peak memory and the largest batch that fits.
 4. ``e2e-<loader>``: end to end for ``dali`` (nvJPEG ``mixed``), ``ffcv``, ``torch``,
-   ``torchvision-gpu`` and ``dali:cpu_decode=1``, against section 3's model-only (stall %).
+   ``torchvision-gpu`` and ``dali:cpu_decode=1``, against section 3's model-only (stall %); then
+   ``e2e-dali-shards`` and ``e2e-torchvision-gpu-shards``: the same photos read from the tar shards
+   (DALI ``mixed`` through ``fn.readers.webdataset``; tar bytes into nvJPEG), at batch 64, 256 and
+   1024, against the same model-only and beside the file rows (``shards_vs_files`` in the headline).
 5. ``ddp``: ``torchrun --nproc-per-node=1 bench/ddp_check.py``: SyncBN = BN on channels-last bf16
    input, DDP's images/s within 5% of one process (NCCL; gloo in the rehearsal).
 6. ``accum``: ``--accum 4`` at batch 1024, a global batch of 4096 (model-only and end to end).
@@ -57,9 +61,10 @@ PY = sys.executable
 # name: (time limit s, minimum s to start it). Sections finish early when they can; the limits are
 # the worst case, and the accuracy run takes what is left of its 3 minutes.
 SECTIONS = {
-    "env": (40, 5), "data": (30, 10), "model": (45, 20),
+    "env": (40, 5), "data": (45, 10), "model": (45, 20),
     "e2e-dali": (40, 15), "e2e-ffcv": (60, 30), "e2e-torch": (40, 15), "e2e-torchvision-gpu": (35, 15),
-    "e2e-dali-cpu-decode": (35, 15), "ddp": (30, 15), "accum": (30, 15), "variants": (45, 20),
+    "e2e-dali-cpu-decode": (35, 15), "e2e-dali-shards": (30, 15), "e2e-torchvision-gpu-shards": (30, 15),
+    "ddp": (30, 15), "accum": (30, 15), "variants": (45, 20),
     "compile": (75, 45), "accuracy": (200, 60), "train-cli": (60, 30),
 }
 SET_UP_S = 10  # a throughput.py section stops starting points this long before its limit (start-up, report)
@@ -72,18 +77,21 @@ REHEARSE_SECTIONS["accuracy"] = (240, 60)
 GPU = dict(device="cuda", arch="resnet50", image_size=224, amp="bf16", small_stem=False, dim=2048, pred_dim=512,
            batches=[64, 128, 256, 512, 1024], model_batches=[64, 128, 256, 512, 1024, 2048], ffcv_batches=[64, 256, 1024],
            variant_batch=256, accum=(1024, 4), compile_batch=256, photos=4096, photo_size=(500, 375),
+           shard_size="64", shard_batches=[64, 256, 1024],
            timing=["--warmup", "2", "--repeats", "2", "--min-images", "512", "--min-steps", "2"],
            ddp=["-a", "resnet50", "--image-size", "224", "-b", "256", "--steps", "8", "--repeats", "3", "--warmup", "3"],
            acc=dict(batch=512, lr=0.03, wd=5e-4, seconds=180, limit=None, knn_bank=10000, workers=8, dim=2048, pred_dim=512),
            fmnist_limit=None)
 REHEARSE = dict(device="cpu", arch="resnet18", image_size=32, amp="bf16", small_stem=False, dim=128, pred_dim=32,
                 batches=[4, 8], model_batches=[4, 8], ffcv_batches=[8], variant_batch=8, accum=(4, 2), compile_batch=4,
-                photos=32, photo_size=(160, 120),
+                photos=32, photo_size=(160, 120), shard_size="4", shard_batches=[4, 8],
                 timing=["--warmup", "0", "--repeats", "2", "--min-images", "0", "--min-steps", "1", "--remeasure", "0"],
                 ddp=["-a", "resnet18", "--image-size", "16", "--dim", "64", "--pred-dim", "16", "-b", "4", "--steps", "1",
                      "--repeats", "2", "--warmup", "1"],
+                # the accuracy run in float32: bf16 autocast on a CPU without AVX-512 BF16 (this project's 2-core
+                # AMD EPYC machine) took 90 s a step of resnet18 small stem at 32 px against 7 s in float32
                 acc=dict(batch=32, lr=0.03, wd=5e-4, seconds=45, limit=160, knn_bank=160, workers=1, dim=128, pred_dim=32,
-                         amp="off"),  # bf16 autocast without AVX-512 BF16 ran 1 image/s: 160 s an epoch
+                         amp="off"),
                 fmnist_limit=160)
 
 
@@ -273,15 +281,21 @@ def section_env(run: Run) -> None:
     run.save()
 
 
-def section_data(run: Run, args) -> tuple[Path | None, Path | None]:
+def section_data(run: Run, args) -> tuple[Path | None, Path | None, Path | None]:
+    """Photos, their tar shards and Fashion-MNIST: ``(photos, shards, fmnist)``, None for what is not there."""
     limit = run.budget("data")
     if limit is None:
-        return None, None
+        return None, None, None
     photos = Path(args.work) / "photos"
     w, h = run.p["photo_size"]
     workers = str(max(1, (os.cpu_count() or 2)))
     cmds = [[PY, "bench/gpu_data.py", "photos", str(photos), "--n", str(run.p["photos"]), "--width", str(w),
              "--height", str(h), "--workers", workers]]
+    # the same photos as tar shards: the writer reads an ImageFolder root (<root>/train/<class>/...)
+    root, shards = Path(args.work) / "photo-root", Path(args.work) / "photo-shards"
+    shard_cmd = ["mkdir", "-p", str(root), "&&", "ln", "-sfn", str(photos), str(root / "train"), "&&", "{", "test",
+                 "-f", str(shards / "train.json"), "||", PY, "-m", "pipeline.shards", "write", str(root), str(shards),
+                 "--shard-size", run.p["shard_size"], "--ranks", "1", "--workers", workers, ";", "}"]
     fm = None
     src = Path(args.fmnist_src) if args.fmnist_src else None
     if src is not None and src.is_dir():
@@ -293,10 +307,11 @@ def section_data(run: Run, args) -> tuple[Path | None, Path | None]:
     else:
         print(f"== data: no Fashion-MNIST IDX files at {src} (--fmnist-src): the accuracy section will be skipped")
     script = " && ".join(" ".join(shlex.quote(c) for c in cmd) for cmd in cmds)
+    script += " && " + " ".join(c if c in ("&&", "||", "{", "}", ";") else shlex.quote(c) for c in shard_cmd)
     entry = run.sh("data", ["bash", "-c", script], limit)
     if entry["status"] != "ok":
-        return None, None
-    return photos, fm
+        return None, None, None
+    return photos, (shards if (shards / "train.json").is_file() else None), fm
 
 
 def throughput_cmd(run: Run, out: Path, stages: str, data: Path | None, batches: list[int], loaders: str | None = None,
@@ -473,6 +488,17 @@ def merged_rows(run: Run) -> tuple[list[dict], dict | None]:
     return rows, config
 
 
+def shards_vs_files(at: dict) -> dict:
+    """End-to-end images/s from shards over from files, per loader, from the rows ``at`` one batch
+    (keyed by loader spec; a shard series is ``<loader>:data=<shards>``)."""
+    out = {}
+    for spec, row in at.items():
+        name, _, rest = spec.partition(":")
+        if rest.startswith("data=") and name in at and at[name].get("images_per_s"):
+            out[name] = round(row["images_per_s"] / at[name]["images_per_s"], 3)
+    return out
+
+
 def report(run: Run) -> None:
     from bench.report import plot_step_time, plot_throughput, table, write_csv, write_json
     from bench.throughput import add_stall_shares
@@ -495,7 +521,8 @@ def report(run: Run) -> None:
         f"model_only_images_per_s_at_{b}": model.get(b, {}).get("images_per_s"),
         f"e2e_at_{b}": {k: {"images_per_s": r["images_per_s"], "stall_share": r.get("stall_share"),
                             "flags": r.get("flags", [])} for k, r in at.items()},
-        "flagged_points": sum(1 for r in rows if r.get("flags"))})
+        "flagged_points": sum(1 for r in rows if r.get("flags")),
+        f"shards_vs_files_at_{b}": shards_vs_files(at)})
     env = {"device": run.p["device"], **{k: run.env.get(k) for k in ("gpu", "torch", "python", "cuda", "cudnn")},
            "modules": run.env.get("modules")}
     cfg = dict(config or {}, sections=list(run.sections))
@@ -568,7 +595,7 @@ def sections(run: Run, args, want) -> int:
     if not args.rehearse and not run.env.get("cuda_available"):
         run.skip("all", "no CUDA device visible to torch: nothing to measure (use --rehearse on a CPU)")
         return 2
-    photos, fm = section_data(run, args)
+    photos, shards, fm = section_data(run, args)
     p = run.p
     if want("model"):
         section_throughput(run, "model", "model", None, p["model_batches"])
@@ -585,6 +612,14 @@ def sections(run: Run, args, want) -> int:
             run.skip(name, why)
             continue
         section_throughput(run, name, "e2e", photos, batches, spec, ref)
+    for name, loader in (("e2e-dali-shards", "dali"), ("e2e-torchvision-gpu-shards", "torchvision-gpu")):
+        if not want(name):
+            continue  # the same photos from tar shards, beside the file rows above
+        why = "no photo shards (see the data section)" if shards is None else loader_available(run, loader)
+        if why:
+            run.skip(name, why)
+            continue
+        section_throughput(run, name, "e2e", photos, p["shard_batches"], f"{loader}:data={shards}", ref)
     if want("ddp"):
         limit = run.budget("ddp")
         if limit is not None:

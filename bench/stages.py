@@ -125,11 +125,12 @@ class TimedIter:
 LOADER_OPTIONS = {
     "torch": {"data": str},
     "torchvision-gpu": {"data": str},
-    "dali": {"cpu_decode": bool, "prefetch": int, "hw_decoder_load": float, "data": str},
+    "dali": {"cpu_decode": bool, "prefetch": int, "hw_decoder_load": float, "data": str, "dont_use_mmap": bool},
     "ffcv": {"os_cache": bool, "order": str, "write_mode": str, "prefetch": int, "max_resolution": int, "data": str},
 }
 """Options a loader spec may carry. ``data=PATH`` reads another source than ``--data`` (e.g. the same
-images as tar shards: ``torch:data=data/fashion-mnist-shards``), opened like ``--data``."""
+images as tar shards: ``torch:data=data/fashion-mnist-shards``, ``dali:data=...``,
+``torchvision-gpu:data=...``), opened like ``--data``; ``dont_use_mmap`` is DALI's, for shards."""
 
 
 def _option_value(kind: type, text: str):

@@ -40,11 +40,12 @@ def pick_loader(source, device) -> tuple[str, str]:
     Returns:
         ``(name, reason)``: ``dali`` when NVIDIA DALI is importable (its CPU graph costs the least
         per image, :data:`CPU_COST_MS`; on a GPU it decodes with nvJPEG) and the source is an
-        ImageFolder split; else ``torchvision-gpu`` on a GPU and ``torch`` on the CPU (the only
-        loader that reads tar shards today).
+        ImageFolder split; else ``torchvision-gpu`` on a GPU and ``torch`` on the CPU. Tar shards get
+        ``torch``: it skips and counts a bad sample where DALI's reader stops the run (NVIDIA/DALI#3913);
+        ``--loader dali`` reads the writer's validated shards faster.
     """
     if getattr(source, "kind", None) == "shards":
-        return "torch", "the loader that reads tar shards"
+        return "torch", "for tar shards: it skips and counts bad samples; --loader dali reads them faster"
     if _installed("nvidia.dali"):
         where = "nvJPEG on the GPU" if getattr(device, "type", str(device)) == "cuda" else \
             f"{CPU_COST_MS['dali']} core-ms an image on the CPU against torch's {CPU_COST_MS['torch']}"
@@ -55,16 +56,21 @@ def pick_loader(source, device) -> tuple[str, str]:
 
 
 def backend_class(name: str, source=None) -> type:
-    """The backend class of ``--loader name`` for ``source`` (tar shards have their own torch backend).
+    """The backend class of ``--loader name`` for ``source``: tar shards have their own torch, dali
+    and torchvision-gpu backends (``backends/<name>/shards.py``); ffcv reads no shards.
 
     Raises:
         ValueError: unknown ``name``.
         ImportError: the backend's package is not installed (the message names the pip extra).
     """
+    shards = getattr(source, "kind", None) == "shards"
     if name == "torch":
         from .backends.torch import TorchLoader, TorchShardLoader
-        return TorchShardLoader if getattr(source, "kind", None) == "shards" else TorchLoader
+        return TorchShardLoader if shards else TorchLoader
     if name == "torchvision-gpu":
+        if shards:
+            from .backends.tv_gpu.shards import TorchvisionGpuShardLoader
+            return TorchvisionGpuShardLoader
         from .backends.tv_gpu.loader import TorchvisionGpuLoader
         return TorchvisionGpuLoader
     if name == "synthetic":
@@ -73,9 +79,10 @@ def backend_class(name: str, source=None) -> type:
     if name == "dali":
         try:
             from .backends.dali.loader import DaliLoader
+            from .backends.dali.shards import DaliShardLoader
         except ImportError as exc:
             raise ImportError(f"--loader dali needs NVIDIA DALI: pip install -e '.[dali]' ({exc})") from exc
-        return DaliLoader
+        return DaliShardLoader if shards else DaliLoader
     if name == "ffcv":
         try:
             from .backends.ffcv.loader import FfcvLoader

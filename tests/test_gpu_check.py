@@ -41,7 +41,8 @@ def test_rehearsal_runs_every_section_and_writes_every_file(rehearsal):
         assert sec["status"] in ("ok", "skipped"), (name, sec, proc.stdout[-3000:])
         if sec["status"] == "skipped":
             assert sec["reason"], name
-    for name in ("env", "data", "model", "e2e-dali", "e2e-torch", "e2e-ffcv", "ddp", "accum", "compile"):
+    for name in ("env", "data", "model", "e2e-dali", "e2e-torch", "e2e-ffcv", "ddp", "accum", "compile",
+                 "e2e-dali-shards", "e2e-torchvision-gpu-shards"):
         assert sections[name]["status"] == "ok", (name, sections[name])
     for name in ("throughput.json", "throughput.csv", "images_per_s.png", "step_time.png", "summary.txt",
                  "env.json", "ddp.json"):
@@ -72,6 +73,11 @@ def test_rehearsal_figures_are_consistent(rehearsal):
             assert r["images_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["load_start"] is not None
             if "e2e>model" not in r.get("flags", []):  # the stall share is computed against the model section
                 assert 0.0 <= r["stall_share"] <= 1.0, r
+    for name, loader in (("e2e-dali-shards", "dali"), ("e2e-torchvision-gpu-shards", "torchvision-gpu")):
+        ok = [r for r in by_section[name] if r["status"] == "ok"]  # the same photos, read from tar shards
+        assert {r["batch"] for r in ok} == {4, 8} and all(r["loader"].startswith(f"{loader}:data=") for r in ok), name
+        assert all(r["images_per_s"] > 0 for r in ok)
+    assert set(data["headline"]["shards_vs_files_at_8"]) == {"dali", "torchvision-gpu"}
     accum = [r for r in by_section["accum"] if r["status"] == "ok"]
     assert accum and all(r["accum"] == 2 and r["effective_batch"] == 8 for r in accum)
     assert data["headline"]["largest_model_batch_that_fits"] == 8

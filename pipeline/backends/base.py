@@ -49,5 +49,5 @@ def image_list(source, loader: str) -> ImageList:
     if isinstance(source, ImageList):
         return source
     kind = getattr(source, "kind", type(source).__name__)
-    readers = {"shards": "--loader torch", "beton": "--loader ffcv"}.get(kind, "another loader")
+    readers = {"shards": "--loader torch, dali or torchvision-gpu", "beton": "--loader ffcv"}.get(kind, "another loader")
     raise ValueError(f"--loader {loader} reads an ImageFolder split, not {kind} ({source}); use {readers}")

@@ -33,6 +33,14 @@ An epoch (:meth:`ShardSource.plan`):
   own pieces again until its batches are full — a repeat, never a rank with fewer batches (which
   would hang the others in an all-reduce, webdataset#188);
 - fewer shards than readers is refused (:class:`ShardPlanError`), with how many are needed.
+
+**Resampled streams** (:meth:`ShardSource.resample`, ``--shards-resampled``), for data larger than
+anyone's epoch: each reader draws whole shards **with replacement** from a generator seeded with
+``(seed, epoch, rank, reader)`` (:meth:`ShardSource.drawn`), without end, and yields its share of
+``L = ⌊E / (b · R)⌋`` batches for an epoch of ``E`` samples (``epoch_samples``); the same seed gives
+the same stream again (a resume replays it). An "epoch" is then a number of samples, not a pass:
+a draw of ``S`` shards from ``S`` with replacement leaves about ``(1 − 1/S)^S ≈ e^−1 ≈ 37%`` of them
+unseen (and reads about as many twice), so two epochs see different parts of the data.
 """
 from __future__ import annotations
 
@@ -79,16 +87,20 @@ class ReaderPlan:
     """What one reader (a DataLoader worker of one rank) reads in one epoch.
 
     Attributes:
-        pieces: its samples, in order; read again from the start when they run short.
+        pieces: its samples, in order; read again from the start when they run short (empty for a
+            resampled reader: see ``draw_seed``).
         batches: batches it yields this epoch.
         skip_batches: batches of its stream dropped before the first one yielded (a mid-epoch resume).
         reader: its place ``w`` in the rank's round-robin (batch ``p`` comes from reader ``p mod W``).
+        draw_seed: resampled streams only: the seed of ``(seed, epoch, rank, reader)`` its shards are
+            drawn with (:meth:`ShardSource.drawn`); None for a fixed plan.
     """
 
     pieces: tuple[Piece, ...]
     batches: int
     skip_batches: int = 0
     reader: int = 0
+    draw_seed: int | None = None
 
 
 @dataclass
@@ -107,6 +119,8 @@ class ShardSource:
             starts inside a shard, see :meth:`slice`); None: all zero.
         limit: counted sources: read at most this many samples (an evaluation subset, see
             :meth:`subset`); None: all.
+        resampled: epochs are streams of shards drawn with replacement (see :meth:`resample`).
+        epoch_samples: resampled: samples per epoch over all ranks.
     """
 
     shards: list[tuple[str, int | None]]
@@ -118,6 +132,8 @@ class ShardSource:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     heads: list[int] | None = None
     limit: int | None = None
+    resampled: bool = False
+    epoch_samples: int | None = None
     kind = "shards"
 
     def __len__(self) -> int:
@@ -129,6 +145,11 @@ class ShardSource:
 
     def __str__(self) -> str:
         return self.origin or f"{len(self.shards)} shards"
+
+    @property
+    def samples_per_epoch(self) -> int | None:
+        """Samples an epoch reads over all ranks: ``epoch_samples`` when resampled, else ``num_samples``."""
+        return self.epoch_samples if self.resampled else self.num_samples
 
     @property
     def num_classes(self) -> int | None:
@@ -199,14 +220,39 @@ class ShardSource:
 
     # ------------------------------------------------------------------ epochs
 
+    def resample(self, epoch_samples: int | None = None) -> "ShardSource":
+        """This source with resampled epochs of ``epoch_samples`` samples over all ranks (None: the
+        source's sample count, from the index or ``--num-samples``): see the module's docstring.
+
+        Raises:
+            ValueError: ``epoch_samples`` not given and the sample count unknown, or ``< 1``.
+        """
+        n = self.num_samples if epoch_samples is None else epoch_samples
+        if n is None:
+            raise ValueError(f"resampled shards ({self}) need the samples of an epoch: add --epoch-samples N")
+        if n < 1:
+            raise ValueError(f"--epoch-samples must be >= 1, got {n}")
+        return replace(self, resampled=True, epoch_samples=int(n))
+
+    def drawn(self, draw_seed: int):
+        """Pieces of whole shards drawn with replacement (uniformly, numpy ``default_rng(draw_seed)``),
+        without end: the stream of a resampled reader (:attr:`ReaderPlan.draw_seed`). A pure
+        function of ``draw_seed``."""
+        rng = np.random.default_rng(draw_seed)
+        while True:
+            for j in rng.integers(0, len(self.shards), 256).tolist():
+                url, n = self.shards[j]
+                yield Piece(j, url, self.heads[j] if self.heads else 0, n)
+
     def shard_order(self, seed: int, epoch: int) -> list[int]:
         """The shards' order in ``epoch``: a permutation, a pure function of ``(seed, epoch)``."""
         rng = np.random.default_rng(epoch_seed(seed, epoch))
         return rng.permutation(len(self.shards)).tolist()
 
     def batches_per_rank(self, batch_size: int, world_size: int) -> int:
-        """``⌊N / (batch_size · world_size)⌋``: batches every rank yields per epoch (0 if N is unknown)."""
-        return (self.num_samples or 0) // (batch_size * world_size)
+        """``⌊N / (batch_size · world_size)⌋``: batches every rank yields per epoch, ``N`` the
+        :attr:`samples_per_epoch` (0 if unknown)."""
+        return (self.samples_per_epoch or 0) // (batch_size * world_size)
 
     def plan(self, seed: int, epoch: int, rank: int, world_size: int, readers: int, batch_size: int,
              start: int = 0) -> list[ReaderPlan]:
@@ -215,10 +261,15 @@ class ShardSource:
         ``(start + i) mod readers``, so the DataLoader, which always begins with its worker 0,
         delivers batches ``start, start + 1, …`` in order.
 
+        A resampled source gives each reader an empty ``pieces`` and its ``draw_seed`` instead
+        (any number of shards serves any number of readers).
+
         Raises:
-            ShardPlanError: fewer shards than ``world_size × readers``; not one batch per rank.
+            ShardPlanError: fewer shards than ``world_size × readers`` (fixed plans); not one batch per rank.
             ValueError: ``start`` outside ``0..L``.
         """
+        if self.resampled:
+            return self._resampled_plan(seed, epoch, rank, world_size, readers, batch_size, start)
         if self.num_samples is None:
             raise ShardPlanError(f"shards given as a pattern ({self}) need their total sample count to plan an epoch: "
                                  f"add --num-samples N, or give the writer's index (train.json) instead")
@@ -247,6 +298,21 @@ class ShardSource:
                 mine = order[rank * readers + w::world_size * readers]
                 pieces = [Piece(j, self.shards[j][0]) for j in mine]
             plans.append(ReaderPlan(tuple(pieces), counts[w] - done, done, w))
+        return plans
+
+    def _resampled_plan(self, seed, epoch, rank, world_size, readers, batch_size, start) -> list[ReaderPlan]:
+        total = self.batches_per_rank(batch_size, world_size)
+        if total < 1:
+            raise ShardPlanError(f"--epoch-samples {self.epoch_samples} give no batch of {batch_size} on each of "
+                                 f"{world_size} rank(s); raise --epoch-samples or lower -b/--batch-size")
+        if not 0 <= start <= total:
+            raise ValueError(f"start batch {start} outside this epoch's 0..{total} batches")
+        counts = [len(range(w, total, readers)) for w in range(readers)]
+        plans = []
+        for i in range(readers):
+            w = (start + i) % readers
+            done = len(range(w, start, readers))
+            plans.append(ReaderPlan((), counts[w] - done, done, w, draw_seed=epoch_seed(seed, epoch, rank, w)))
         return plans
 
 

@@ -1,7 +1,9 @@
 """The DALI graph of the SimSiam recipe: read once, decode once, augment twice.
 
-One ``fn.readers.file`` over an explicit file list (the caller fixes the order), one decoder, and
-two independent branches of random ops, one per view, each with its own random draws:
+One reader — ``fn.readers.file`` over an explicit file list (:func:`simsiam_pipeline`), or
+``fn.readers.webdataset`` over tar shards with per-epoch indexes (:func:`simsiam_shard_pipeline`);
+the caller fixes the order either way —, one decoder, and two independent branches of random ops,
+one per view, each with its own random draws:
 
     random_resized_crop → p=jitter_p color_twist → p=grayscale_p grey (luma, 3 channels)
     → p=blur_p gaussian_blur
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
 from ...augment import AugmentConfig
@@ -109,6 +112,19 @@ def one_view(images, aug: AugmentConfig, layout: str, dtype: str):
         output_layout=layout, mean=[m * 255 for m in aug.mean], std=[s * 255 for s in aug.std])
 
 
+def decode_two_views(encoded, aug: AugmentConfig, decode_device: str, op_device: str, layout: str, dtype: str,
+                     hw_decoder_load: float | None = None):
+    """Decode ``encoded`` once (``fn.decoders.image`` to RGB on ``decode_device``) and return its two
+    views (:func:`one_view`, ops on ``op_device``): a graph fragment shared by both readers."""
+    extra = dict(MIXED_DECODER_ARGS) if decode_device == "mixed" else {}
+    if decode_device == "mixed" and hw_decoder_load is not None:
+        extra["hw_decoder_load"] = hw_decoder_load
+    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, **extra)
+    if op_device == "gpu" and decode_device == "cpu":
+        images = images.gpu()
+    return one_view(images, aug, layout, dtype), one_view(images, aug, layout, dtype)
+
+
 @pipeline_def(enable_conditionals=True)
 def simsiam_pipeline(files: list[str], labels: list[int], aug: AugmentConfig, decode_device: str,
                      op_device: str, layout: str, dtype: str, hw_decoder_load: float | None = None):
@@ -130,14 +146,45 @@ def simsiam_pipeline(files: list[str], labels: list[int], aug: AugmentConfig, de
     Returns (per batch of ``B``): view1, view2 as in :func:`one_view`; label ``(B, 1)`` int32.
     """
     encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER)
-    extra = dict(MIXED_DECODER_ARGS) if decode_device == "mixed" else {}
-    if decode_device == "mixed" and hw_decoder_load is not None:
-        extra["hw_decoder_load"] = hw_decoder_load
-    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, **extra)
-    if op_device == "gpu" and decode_device == "cpu":
-        images = images.gpu()
-    view1 = one_view(images, aug, layout, dtype)
-    view2 = one_view(images, aug, layout, dtype)
+    view1, view2 = decode_two_views(encoded, aug, decode_device, op_device, layout, dtype, hw_decoder_load)
+    return view1, view2, label
+
+
+SHARD_EXTS = ["jpg;png", "cls"]
+"""``fn.readers.webdataset``'s ``ext``: the image (the writer stores ``jpg``, or ``png`` re-encoded) and the class."""
+
+LABEL_BYTES = 12
+"""Bytes of a ``.cls`` component kept for the label (an 11-digit class index and a 0 that shows it
+ended): the text is padded with zeros, or cut, to this width so every batch is one uniform tensor."""
+
+
+@pipeline_def(enable_conditionals=True)
+def simsiam_shard_pipeline(paths: list[str], index_paths: list[str], aug: AugmentConfig, decode_device: str,
+                           op_device: str, layout: str, dtype: str, hw_decoder_load: float | None = None,
+                           dont_use_mmap: bool = False):
+    """Two views of every sample the indexes list, read by DALI's ``fn.readers.webdataset`` in
+    exactly that order.
+
+    Args:
+        paths, index_paths: tar files and, one each, a DALI v1.2 index listing the samples to read
+            from it, in order (the caller writes them per epoch: this rank's samples, no reader
+            shuffle, no reader sharding).
+        aug, decode_device, op_device, layout, dtype, hw_decoder_load: see :func:`simsiam_pipeline`.
+        dont_use_mmap: plain reads instead of mapping the tars (DALI's advice for network
+            filesystems).
+
+    The reader runs with ``missing_component_behavior="error"`` (a sample without its image or
+    ``.cls`` stops the build) and ``pad_last_batch=True`` (never a short batch; the caller's count
+    is a whole number of batches anyway).
+
+    Returns (per batch of ``B``): view1, view2 as in :func:`one_view`; label ``(B, LABEL_BYTES)``
+    uint8 on the CPU: the ``.cls`` text, zero-padded (see :data:`LABEL_BYTES`).
+    """
+    encoded, cls = fn.readers.webdataset(paths=paths, index_paths=index_paths, ext=SHARD_EXTS,
+                                         missing_component_behavior="error", random_shuffle=False,
+                                         pad_last_batch=True, dont_use_mmap=dont_use_mmap, name=READER)
+    view1, view2 = decode_two_views(encoded, aug, decode_device, op_device, layout, dtype, hw_decoder_load)
+    label = fn.slice(cls, start=[0], shape=[LABEL_BYTES], axes=[0], out_of_bounds_policy="pad", fill_values=0)
     return view1, view2, label
 
 
@@ -145,6 +192,29 @@ def simsiam_pipeline(files: list[str], labels: list[int], aug: AugmentConfig, de
 def _decode_each(files: list[str]):
     encoded, _ = fn.readers.file(files=files, random_shuffle=False)
     return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+
+@pipeline_def(batch_size=1, num_threads=1, exec_pipelined=False, exec_async=False, prefetch_queue_depth=1)
+def _decode_bytes():
+    data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
+    return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+
+
+def first_undecodable_bytes(items) -> int | None:
+    """Position in ``items`` (an iterable of encoded images as ``bytes``) of the first one DALI's CPU
+    decoder cannot decode, or None if all decode: a synchronous batch-of-one pipeline, one item per
+    ``run()``. Used only after a shard pipeline stopped without naming its sample."""
+    pipe = None
+    for i, data in enumerate(items):
+        if pipe is None:
+            pipe = _decode_bytes(device_id=None)
+            pipe.build()
+        try:
+            pipe.feed_input("data", [np.frombuffer(data, dtype=np.uint8)])
+            pipe.run()
+        except RuntimeError:
+            return i
+    return None
 
 
 def first_undecodable(files: list[str], device_id: int | None = None) -> str | None:

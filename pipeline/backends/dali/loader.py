@@ -82,6 +82,33 @@ def dali_placement(device: torch.device, cpu_decode: bool = False) -> tuple[int 
     return index, ("cpu" if cpu_decode else "mixed"), "gpu"
 
 
+def configure_dali(backend: Backend, feed: Feed, cpu_decode: bool, hw_decoder_load: float | None) -> None:
+    """Set what every DALI backend decides from its feed and options: ``device_id``,
+    ``decode_device``, ``op_device`` (:func:`dali_placement`), ``hw_decoder_load``, ``workers``
+    (DALI CPU threads, at least 1) and ``prefetch`` (DALI's ``prefetch_queue_depth``, default 2).
+
+    Warns:
+        UserWarning: ``cpu_decode`` with a CPU device (it changes nothing).
+
+    Raises:
+        ValueError: see :func:`dali_placement`; ``hw_decoder_load`` outside [0, 1].
+    """
+    backend.device_id, backend.decode_device, backend.op_device = dali_placement(backend.device, cpu_decode)
+    if cpu_decode and backend.device.type == "cpu":
+        warnings.warn("--dali-cpu-decode does nothing without a GPU: DALI already decodes and augments on the "
+                      "CPU here", stacklevel=3)
+    if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
+        raise ValueError(f"hw_decoder_load must be a share in [0, 1], got {hw_decoder_load}")
+    backend.hw_decoder_load = hw_decoder_load
+    backend.workers, backend.prefetch = max(1, feed.workers), feed.prefetch_or(2)
+
+
+def delivered_view(x: torch.Tensor, backend: Backend) -> torch.Tensor:
+    """A DALI view output as the training loop wants it: NHWC memory seen as NCHW channels_last (no
+    copy) when the backend asked DALI for ``HWC``, then the backend's device and dtype."""
+    if backend.channels_last:
+        x = x.permute(0, 3, 1, 2)
+    return to_training_layout(x, backend.device, backend.channels_last, backend.dtype)
 def release_freed_heap() -> None:
     """Return the C heap's free memory to the OS (glibc ``malloc_trim(0)``; elsewhere nothing).
 
@@ -112,8 +139,8 @@ def _name_the_file(exc: Exception, files: list[str]) -> str | None:
 
 
 def _is_input_error(exc: Exception) -> bool:
-    """Whether a DALI error comes from reading or decoding a file (else it is a bug to surface as is)."""
-    return "fn.decoders.image" in str(exc) or "fn.readers.file" in str(exc)
+    """Whether a DALI error comes from reading or decoding a file or shard (else it is a bug to surface as is)."""
+    return any(op in str(exc) for op in ("fn.decoders.image", "fn.readers.file", "fn.readers.webdataset"))
 
 
 class DaliLoader(Backend):
@@ -159,14 +186,7 @@ class DaliLoader(Backend):
                  hw_decoder_load: float | None = None):
         super().__init__(image_list(source, self.name), aug, feed)
         self.images = self.source
-        self.device_id, self.decode_device, self.op_device = dali_placement(self.device, cpu_decode)
-        if cpu_decode and self.device.type == "cpu":
-            warnings.warn("--dali-cpu-decode does nothing without a GPU: DALI already decodes and augments on the "
-                          "CPU here", stacklevel=2)
-        if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
-            raise ValueError(f"hw_decoder_load must be a share in [0, 1], got {hw_decoder_load}")
-        self.hw_decoder_load = hw_decoder_load
-        self.workers, self.prefetch = max(1, feed.workers), feed.prefetch_or(2)
+        configure_dali(self, feed, cpu_decode, hw_decoder_load)
         self.num_samples = len(self.images) // self.world_size
         self._len = check_batch_size(self.batch_size, self.num_samples, f"shard {self.rank} of {self.images.root}")
         self.paths, self.converted = dali_sources(self.images)
@@ -197,11 +217,6 @@ class DaliLoader(Backend):
         return DALIGenericIterator(pipe, ["view1", "view2", "label"], reader_name=READER,
                                    last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
 
-    def _view(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: torch.channels_last, no copy
-        return to_training_layout(x, self.device, self.channels_last, self.dtype)
-
     def __iter__(self):
         files, labels = self.epoch_files(self.epoch, self.start)
         if not files:  # resumed after the epoch's last batch
@@ -225,7 +240,7 @@ class DaliLoader(Backend):
                 # labels are DALI's CPU memory, seen through DLPack: converted on the host into a tensor of
                 # our own before the non-blocking upload, so DALI may reuse its buffer at once
                 label = out["label"].reshape(-1).to(torch.int64, copy=True).to(self.device, non_blocking=True)
-                yield TwoViewBatch(self._view(out["view1"]), self._view(out["view2"]), label)
+                yield TwoViewBatch(delivered_view(out["view1"], self), delivered_view(out["view2"], self), label)
         finally:
             del iterator
             release_freed_heap()  # the epoch's pipeline is gone: give its freed memory back (see the function)

@@ -1,13 +1,13 @@
 """``--loader torch`` over tar shards: DataLoader workers read their part of the epoch's plan
 through webdataset, decode with PIL and draw two views with the torch loader's recipe.
 
-Each worker is one *reader* of :meth:`pipeline.sources.shards.ShardSource.plan`: it reads its
-pieces (:func:`pipeline.sources.tar_samples.read_piece`), drops the bad samples, shuffles the
-rest through a buffer (webdataset's ``shuffle``, seeded with ``(seed, epoch, rank, reader)``),
-decodes, draws the two views under a seed of ``(seed, epoch, shard, position)`` — so a sample's
-views do not depend on which worker read it — and yields exactly its planned number of batches,
-reading its pieces again if bad samples left it short. The DataLoader's round-robin then gives
-every rank exactly ``len(loader)`` batches.
+Each worker is one *reader* of :meth:`pipeline.sources.shards.ShardSource.plan`: it takes its
+samples from :func:`pipeline.sources.tar_samples.reader_stream` (its pieces, or, resampled, its
+drawn shards, bad samples dropped, through a buffer shuffle seeded with ``(seed, epoch, rank,
+reader)``), decodes, draws the two views under a seed of ``(seed, epoch, shard, position, salt)``
+— so a sample's views do not depend on which worker read it — and yields exactly its planned
+number of batches, reading its pieces again if bad samples left it short. The DataLoader's
+round-robin then gives every rank exactly ``len(loader)`` batches.
 
 Mid-epoch resume (``set_epoch(epoch, start)``): each reader drops the samples of its batches
 before ``start`` from its shuffled stream before decoding them; the batches from ``start`` on
@@ -16,18 +16,16 @@ that fails to decode is only known after decoding, and the batches after it shif
 
 Bad samples (:class:`~pipeline.sources.tar_samples.BadSample`: no image or ``.cls``, bytes PIL
 cannot decode, a shard cut short) are skipped and counted; each batch carries the ones its
-reader met since its last batch, the loader appends them to ``skip_log`` (one ``shard, key,
-reason`` line each) and stops with :class:`BadShardData` once more than ``max_bad_fraction`` of
-this rank's epoch was bad.
+reader met since its last batch, and the loader's :class:`~pipeline.backends.bad_samples.BadSampleLog`
+appends them to ``skip_log`` (one ``shard, key, reason`` line each) and stops with
+:class:`BadShardData` once more than ``max_bad_fraction`` of this rank's epoch was bad.
 """
 from __future__ import annotations
 
-import random
 from itertools import islice
 from pathlib import Path
 
 import torch
-import webdataset
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ...augment import AugmentConfig
@@ -36,48 +34,12 @@ from ...device import to_training_layout
 from ...feed import Feed
 from ...sampling import check_batch_size, epoch_seed
 from ...sources.imagefolder import decode_rgb
-from ...sources.shards import ReaderPlan, ShardSource
-from ...sources.tar_samples import BadSample, TarSample, read_piece
+from ...sources.shards import ShardSource
+from ...sources.tar_samples import BadSample, BadShardData, TarSample, reader_stream
 from ...workers import ignore_stop_signals, stop_signals_deferred
+from ..bad_samples import BadSampleLog, one_line
 from ..base import Backend
 from .loader import view_transform
-
-
-class BadShardData(ValueError):
-    """More than ``max_bad_fraction`` of an epoch's samples were bad: the data's problem, one line."""
-
-
-def _good_samples(plan: ReaderPlan, bad: list[BadSample], pass_no: int):
-    """The usable samples of the plan's pieces, in order; problems go to ``bad``.
-
-    Raises:
-        BadShardData: a repeat pass (``pass_no > 0``) found not one usable sample.
-    """
-    found = 0
-    for piece in plan.pieces:
-        for item in read_piece(piece):
-            if isinstance(item, BadSample):
-                if pass_no == 0:  # a repeat pass meets the same problems again: count them once
-                    bad.append(item)
-                continue
-            found += 1
-            yield item
-    if pass_no > 0 and found == 0:
-        raise BadShardData(f"no usable sample in this reader's shards ({', '.join(sorted({p.url for p in plan.pieces}))}); "
-                           f"see skipped.txt")
-
-
-def reader_stream(plan: ReaderPlan, seed: int, epoch: int, rank: int, buffer: int, bad: list[BadSample]):
-    """``(TarSample, pass)`` for one reader: its pieces shuffled through a ``buffer``-sample buffer,
-    then (only if needed) again, each pass with its own seed, without end."""
-    pass_no = 0
-    while True:
-        rng = random.Random(epoch_seed(seed, epoch, rank, plan.reader, pass_no))
-        stream = iter(_good_samples(plan, bad, pass_no))
-        shuffled = webdataset.shuffle(buffer, initial=buffer, rng=rng)(stream) if buffer > 1 else stream
-        for sample in shuffled:
-            yield sample, pass_no
-        pass_no += 1
 
 
 class ShardStream(IterableDataset):
@@ -91,10 +53,10 @@ class ShardStream(IterableDataset):
         self.buffer, self.state, self.record_keys = buffer, state, record_keys
         self.transform = view_transform(aug)
 
-    def _views(self, sample: TarSample, epoch: int, pass_no: int):
+    def _views(self, sample: TarSample, epoch: int):
         image = decode_rgb(sample.image)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(epoch_seed(self.seed, epoch, sample.shard, sample.position, pass_no))
+            torch.manual_seed(epoch_seed(self.seed, epoch, sample.shard, sample.position, sample.salt))
             return self.transform(image), self.transform(image)
 
     def __iter__(self):
@@ -104,15 +66,16 @@ class ShardStream(IterableDataset):
         plan = self.source.plan(self.seed, epoch, self.rank, self.world_size, readers, self.batch_size, start)[reader]
         bad: list[BadSample] = []
         b = self.batch_size
-        stream = islice(reader_stream(plan, self.seed, epoch, self.rank, self.buffer, bad), plan.skip_batches * b, None)
+        stream = islice(reader_stream(self.source, plan, self.seed, epoch, self.rank, self.buffer, bad),
+                        plan.skip_batches * b, None)
         for _ in range(plan.batches):
             v1, v2, labels, keys = [], [], [], []
             while len(labels) < b:
-                sample, pass_no = next(stream)
+                sample = next(stream)
                 try:
-                    a, c = self._views(sample, epoch, pass_no)
+                    a, c = self._views(sample, epoch)
                 except Exception as exc:  # PIL raises many types for bytes it cannot decode
-                    if pass_no == 0:
+                    if not sample.replay:
                         bad.append(BadSample(sample.url, sample.key, f"cannot decode .{sample.ext}: "
                                                                      f"{type(exc).__name__}: {exc}"))
                     continue
@@ -159,8 +122,6 @@ class TorchShardLoader(Backend):
     def __init__(self, source: ShardSource, aug: AugmentConfig, feed: Feed, shuffle_buffer: int = 1000,
                  max_bad_fraction: float = 0.01, skip_log: str | Path | None = None, record_keys: bool = False):
         super().__init__(source, aug, feed)
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be a share in [0, 1], got {max_bad_fraction}")
         if shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1 sample, got {shuffle_buffer}")
         readers = max(1, feed.workers)
@@ -168,8 +129,9 @@ class TorchShardLoader(Backend):
         self._len = check_batch_size(self.batch_size, source.batches_per_rank(self.batch_size, self.world_size)
                                      * self.batch_size, f"rank {self.rank}'s part of {source}")
         self.num_samples = self._len * self.batch_size
-        self.max_bad_fraction, self.skip_log, self.record_keys = max_bad_fraction, skip_log, record_keys
-        self.bad, self.keys = 0, []
+        self.bad_log = BadSampleLog(max_bad_fraction, skip_log, self.num_samples, self.rank)
+        self.skip_log, self.record_keys = skip_log, record_keys
+        self.keys = []
         self._state = torch.zeros(2, dtype=torch.int64).share_memory_()
         workers = feed.workers
         self.loader = DataLoader(
@@ -187,35 +149,24 @@ class TorchShardLoader(Backend):
         """
         super().set_epoch(epoch, start)
         self._state.copy_(torch.tensor([epoch, self.start]))
-        self.bad, self.keys = 0, []
+        self.bad_log.new_epoch(epoch)
+        self.keys = []
 
-    def _note_bad(self, bad: list[BadSample]) -> None:
-        self.bad += sum(b.count for b in bad)
-        if self.skip_log is not None:
-            Path(self.skip_log).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.skip_log, "a") as f:
-                f.write("".join(b.line() + "\n" for b in bad))
-        limit = self.max_bad_fraction * self.num_samples
-        if self.bad > limit:
-            first = bad[0]
-            raise BadShardData(
-                f"{self.bad} bad sample(s) in epoch {self.epoch + 1} on rank {self.rank}, more than --max-bad-fraction "
-                f"{self.max_bad_fraction:g} of its {self.num_samples}; e.g. {first.url} key {first.key or '-'}: "
-                f"{first.reason}" + (f"; all listed in {self.skip_log}" if self.skip_log else "")
-                + "; rewrite the shards (python -m pipeline.shards write) or raise --max-bad-fraction")
+    @property
+    def bad(self) -> int:
+        """Bad samples met in the current epoch."""
+        return self.bad_log.count
 
     def __iter__(self):
         with stop_signals_deferred():  # the workers start here (first epoch): see pipeline.workers
             batches = iter(self.loader)
         try:
             for v1, v2, label, bad, keys in batches:
-                if bad:
-                    self._note_bad(bad)
+                self.bad_log.note(bad)
                 if keys is not None:
                     self.keys.extend(keys)
                 yield TwoViewBatch(to_training_layout(v1, self.device, self.channels_last, self.dtype),
                                    to_training_layout(v2, self.device, self.channels_last, self.dtype),
                                    label.to(self.device, non_blocking=True))
         except BadShardData as exc:  # from a worker, the DataLoader wraps its traceback into the message
-            last = str(exc).strip().splitlines()[-1]
-            raise BadShardData(last.removeprefix(f"{BadShardData.__name__}: ")) from None
+            raise one_line(exc) from None

@@ -47,7 +47,7 @@ from ...device import to_training_layout
 from ...feed import Feed
 from ...gpu_augment import GpuAugment
 from ...sampling import check_batch_size, epoch_seed
-from ...sources.imagefolder import load_rgb
+from ...sources.imagefolder import decode_rgb, load_rgb
 from ..base import Backend, image_list
 from .crop_boxes import ORIENTATION_FLAGS, random_resized_crop_boxes, shown_size, to_stored_frame
 from .jpeg_header import read_jpeg_header
@@ -58,28 +58,51 @@ DEFAULT_MAX_PAD = 1.0  # canvases at most 2x their pixels: see the README (--loa
 
 @dataclass
 class _File:
-    """One file after the reading thread: encoded JPEG bytes, or an already decoded image."""
+    """One image after the reading thread: encoded JPEG bytes, or an already decoded image."""
 
-    path: str
+    path: str  # the file; for a shard sample "<shard>#<key>" (messages only)
     pixels: torch.Tensor  # (N,) uint8 encoded bytes, or (3, H, W) uint8 decoded
     decoded: bool
     orientation: int = 1  # EXIF orientation still to apply (1 for PIL decodes: load_rgb's business)
     by_pil: bool = False
+    encoded: bytes | None = None  # a shard sample's bytes, for PIL (a file is read again from its path)
+    label: int = -1  # a shard sample's class (a file's is in the ImageList)
+    origin: object = None  # a shard sample's TarSample
 
 
-def _pil_decode(path: str, pin: bool) -> torch.Tensor:
-    """``(3, H, W)`` uint8 from PIL (the torch loader's decoder).
+def _pil_decode(path: str, pin: bool, encoded: bytes | None = None) -> torch.Tensor:
+    """``(3, H, W)`` uint8 from PIL (the torch loader's decoder), from ``encoded`` when given, else the file.
 
     Raises:
-        OSError: PIL cannot decode the file (it changed after the shared scan), naming it.
+        OSError: PIL cannot decode the image (a file that changed after the shared scan, a bad
+            shard sample), naming it.
     """
     try:
-        rgb = np.array(load_rgb(path))
+        rgb = np.array(load_rgb(path) if encoded is None else decode_rgb(encoded))
     except Exception as exc:  # PIL raises many types for a bad file
-        raise OSError(f"cannot decode {path} (it decoded when the folder was scanned; "
-                      f"changed since?): {type(exc).__name__}: {exc}") from exc
+        why = "" if encoded is not None else " (it decoded when the folder was scanned; changed since?)"
+        raise OSError(f"cannot decode {path}{why}: {type(exc).__name__}: {exc}") from exc
     img = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
     return img.pin_memory() if pin else img
+
+
+def prepare(path: str, data: torch.Tensor, pin: bool, decode_here: bool, encoded: bytes | None = None) -> _File:
+    """Route one encoded image (``data``: ``(N,)`` uint8, pinned on CUDA) by its header: JPEGs
+    ``decode_jpeg`` reads stay encoded for the device (or are decoded here when ``decode_here``,
+    the CPU device); the rest go to PIL (:func:`_pil_decode`, from ``encoded`` or the file).
+
+    Raises:
+        OSError: PIL cannot decode what was given to it.
+    """
+    header = read_jpeg_header(memoryview(data.numpy()))
+    if header is None or not header.fast:
+        return _File(path, _pil_decode(path, pin, encoded), True, by_pil=True, encoded=encoded)
+    if decode_here:
+        try:
+            return _File(path, decode_jpeg(data, mode=ImageReadMode.RGB), True, header.orientation, encoded=encoded)
+        except RuntimeError:  # libjpeg-turbo refused what PIL accepted in the scan
+            return _File(path, _pil_decode(path, pin, encoded), True, by_pil=True, encoded=encoded)
+    return _File(path, data, False, header.orientation, encoded=encoded)
 
 
 def _read(path: str, pin: bool, decode_here: bool) -> _File:
@@ -87,15 +110,7 @@ def _read(path: str, pin: bool, decode_here: bool) -> _File:
     with open(path, "rb") as f:
         data = torch.empty(os.fstat(f.fileno()).st_size, dtype=torch.uint8, pin_memory=pin)
         f.readinto(memoryview(data.numpy()))
-    header = read_jpeg_header(memoryview(data.numpy()))
-    if header is None or not header.fast:
-        return _File(path, _pil_decode(path, pin), True, by_pil=True)
-    if decode_here:
-        try:
-            return _File(path, decode_jpeg(data, mode=ImageReadMode.RGB), True, header.orientation)
-        except RuntimeError:  # libjpeg-turbo refused what PIL accepted in the scan
-            return _File(path, _pil_decode(path, pin), True, by_pil=True)
-    return _File(path, data, False, header.orientation)
+    return prepare(path, data, pin, decode_here)
 
 
 class TorchvisionGpuLoader(Backend):
@@ -125,15 +140,19 @@ class TorchvisionGpuLoader(Backend):
     def __init__(self, source, aug: AugmentConfig, feed: Feed, max_pad: float = DEFAULT_MAX_PAD):
         super().__init__(image_list(source, self.name), aug, feed)
         self.images = self.source
+        self.num_samples = len(self.images) // self.world_size
+        self._len = check_batch_size(self.batch_size, self.num_samples, f"shard {self.rank} of {self.images.root}")
+        self._device_side(feed, max_pad)
+        workers = feed.workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tv-gpu-read") if workers else None
+
+    def _device_side(self, feed: Feed, max_pad: float) -> None:
+        """What any source shares: the device with its index, prefetch, canvases' padding, colour stage."""
         if self.device.type == "cuda" and self.device.index is None:  # the batch thread needs the index
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.prefetch, self.max_pad = feed.prefetch_or(2), max_pad
-        self.num_samples = len(self.images) // self.world_size
-        self._len = check_batch_size(self.batch_size, self.num_samples, f"shard {self.rank} of {self.images.root}")
-        self.colour = GpuAugment(aug, flip=True, normalize=True)
+        self.colour = GpuAugment(aug=self.aug, flip=True, normalize=True)
         self.cpu_decoded = 0
-        workers = feed.workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tv-gpu-read") if workers else None
 
     # ------------------------------------------------------------------ host side
 
@@ -166,13 +185,17 @@ class TorchvisionGpuLoader(Backend):
             return decode_jpeg(f.pixels, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
             f.by_pil, f.orientation = True, 1
-            return _pil_decode(f.path, pin=False).to(self.device)
+            return _pil_decode(f.path, False, f.encoded).to(self.device)
 
     # ------------------------------------------------------------------ one batch
 
-    def _batch(self, epoch: int, index: int, files: list[_File], labels: list[int],
+    def _device_images(self, item) -> tuple[list[torch.Tensor], list[_File], list[int]]:
+        """One batch from :meth:`_host_batches` decoded on the device: ``(images, files, labels)``."""
+        files, labels = item
+        return self._decode(files), files, labels
+
+    def _batch(self, epoch: int, index: int, images: list[torch.Tensor], files: list[_File], labels: list[int],
                generator: torch.Generator) -> TwoViewBatch:
-        images = self._decode(files)
         self.cpu_decoded += sum(f.by_pil for f in files)
         orient = np.array([f.orientation for f in files])
         shown = np.array([shown_size(int(im.shape[1]), int(im.shape[2]), o) for im, o in zip(images, orient)])
@@ -201,29 +224,38 @@ class TorchvisionGpuLoader(Backend):
 
     # ------------------------------------------------------------------ iteration
 
-    def __iter__(self):
-        epoch, start = self.epoch, self.start
+    def _host_batches(self, epoch: int, start: int, stop: threading.Event):
+        """``(files, labels)`` of batches ``start..len-1`` of ``epoch``, read ``prefetch + 1`` batches
+        ahead by the reading threads (runs in the batch thread; ``stop``: the consumer has gone)."""
         order = self.images.epoch_indices(self.seed, epoch, self.rank, self.world_size)
         samples, b = self.images.samples, self.batch_size
         batches = [order[k * b:(k + 1) * b] for k in range(start, self._len)]
+        pending = []
+        for k, idx in enumerate(batches):
+            while len(pending) < min(self.prefetch + 1, len(batches) - k):
+                pending.append(self._submit([samples[i][0] for i in batches[k + len(pending)]]))
+            yield pending.pop(0)(), [samples[i][1] for i in idx]
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.start
+        count = self._len - start
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream(self.device) if cuda else None
 
         def produce() -> None:
+            host = None
             try:
                 if cuda:
                     torch.cuda.set_device(self.device.index)  # this thread's current device: the training GPU
                 generator = torch.Generator(device=self.device)
-                pending = []
-                for k, idx in enumerate(batches):
-                    while len(pending) < min(self.prefetch + 1, len(batches) - k):
-                        pending.append(self._submit([samples[i][0] for i in batches[k + len(pending)]]))
-                    files = pending.pop(0)()
-                    labels = [samples[i][1] for i in idx]
+                host = self._host_batches(epoch, start, stop)
+                for k in range(count):
+                    item = next(host)
                     with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                        batch = self._batch(epoch, start + k, files, labels, generator)
+                        images, files, labels = self._device_images(item)
+                        batch = self._batch(epoch, start + k, images, files, labels, generator)
                         event = torch.cuda.Event() if cuda else None
                         if cuda:
                             event.record(stream)
@@ -231,11 +263,14 @@ class TorchvisionGpuLoader(Backend):
                         return
             except BaseException as exc:  # handed to the consumer, which raises it
                 _put(ready, exc, stop)
+            finally:
+                if host is not None:
+                    host.close()  # stops what the host side started (the shard readers)
 
         worker = threading.Thread(target=produce, name="tv-gpu-batches", daemon=True)
         worker.start()
         try:
-            for _ in batches:
+            for _ in range(count):
                 item = ready.get()
                 if isinstance(item, BaseException):
                     raise item
