@@ -33,6 +33,7 @@ The policy, for every process a loader starts:
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import threading
@@ -88,7 +89,14 @@ def stop_signals_deferred():
 
     Children started inside inherit the block (see the module docstring); a signal sent to this
     process meanwhile is delivered when the block ends, to whatever handler is then installed.
+
+    It first collects this process's garbage: an unreachable object whose finaliser needs threads
+    of this process would otherwise be copied into a forked child and finalised there, where those
+    threads do not exist. Seen: a DataLoader worker forked after a DALI pipeline had been dropped
+    (a reference cycle, not yet collected) hung for good in ``Pipeline._shutdown``, called by the
+    child's garbage collector in the middle of its first batch.
     """
+    gc.collect()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
