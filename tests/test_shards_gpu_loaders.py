@@ -26,25 +26,10 @@ from pipeline.shards.write import dali_index_lines
 from pipeline.sources.imagefolder import scan_image_folder
 from pipeline.sources.shards import ShardSource, read_index
 from tests.host_reads import count_host_reads
-from tests.test_shards import UNEQUAL, write_unequal
+from tests.test_shards import UNEQUAL, small, unequal, write_unequal  # noqa: F401 (fixtures: 60 + 60 images; 13/13/13/13/5/3 shards)
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 4
-
-
-@pytest.fixture(scope="module")
-def small(fmnist_root, tmp_path_factory):
-    """60 train + 60 val Fashion-MNIST images (6 per class) as an ImageFolder."""
-    from conftest import copy_slice
-    return copy_slice(fmnist_root, tmp_path_factory.mktemp("gpu_shard_src"), per_class=6)
-
-
-@pytest.fixture(scope="module")
-def unequal(small, tmp_path_factory):
-    """The train split as 13/13/13/13/5/3-sample shards (with DALI indexes); val as 6 shards of 10."""
-    out = tmp_path_factory.mktemp("gpu_unequal")
-    write_unequal(scan_image_folder(small / "val"), out, [10] * 6, split="val")
-    return write_unequal(scan_image_folder(small / "train"), out, UNEQUAL)
 
 
 def tar_labels(keys: list[str]) -> list[int]:
