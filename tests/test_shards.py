@@ -46,6 +46,17 @@ def write_unequal(images, out: Path, sizes, split="train", seed=0) -> Path:
     return index
 
 
+def rewrite(tar: Path, change) -> None:
+    """Rewrite a real tar through ``change(members)`` and index it again as DALI's wds2idx would."""
+    with tarfile.open(tar) as t:
+        members = [(m, t.extractfile(m).read()) for m in t]
+    with tarfile.open(tar, "w") as t:
+        for m, data in change(members):
+            m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+    tar.with_suffix(".idx").write_text("\n".join(dali_index_lines(tar)) + "\n")
+
+
 @pytest.fixture(scope="module")
 def small(fmnist_root, tmp_path_factory):
     """60 train + 60 val Fashion-MNIST images (6 per class) as an ImageFolder."""
@@ -263,14 +274,6 @@ def damaged(small, tmp_path):
     """6 shards of 10: a corrupt JPEG in shard 0, a sample without .cls in shard 1, shard 2 cut short."""
     index = write_unequal(scan_image_folder(small / "train"), tmp_path, [10] * 6)
     shards = [tmp_path / f"train-{k:06d}.tar" for k in range(6)]
-
-    def rewrite(tar, change):
-        with tarfile.open(tar) as t:
-            members = [(m, t.extractfile(m).read()) for m in t]
-        with tarfile.open(tar, "w") as t:
-            for m, data in change(members):
-                m.size = len(data)
-                t.addfile(m, io.BytesIO(data))
 
     rewrite(shards[0], lambda ms: [(m, d[:40] + b"\0" * 400 if i == 1 else d) for i, (m, d) in enumerate(ms)])
     rewrite(shards[1], lambda ms: [(m, d) for i, (m, d) in enumerate(ms) if i != 2])

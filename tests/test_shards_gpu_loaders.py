@@ -7,7 +7,6 @@ Shards are written here from a Fashion-MNIST slice with the writer's shard write
 corrupt JPEG, a sample without ``.cls``, inside real tars whose indexes are written again.
 """
 import importlib.util
-import io
 import json
 import os
 import subprocess
@@ -22,11 +21,10 @@ import torch
 import train
 from pipeline import backend_class, build_loader, recipe
 from pipeline.backends.torch import BadShardData
-from pipeline.shards.write import dali_index_lines
 from pipeline.sources.imagefolder import scan_image_folder
 from pipeline.sources.shards import ShardSource, read_index
 from tests.host_reads import count_host_reads
-from tests.test_shards import UNEQUAL, small, unequal, write_unequal  # noqa: F401 (fixtures: 60 + 60 images; 13/13/13/13/5/3 shards)
+from tests.test_shards import UNEQUAL, rewrite, small, unequal, write_unequal  # noqa: F401 (fixtures: 60 + 60 images; 13/13/13/13/5/3 shards)
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 4
@@ -48,17 +46,6 @@ def epoch(loader, e, start=0):
     batches = list(loader)
     assert len(batches) == len(loader) - start
     return list(loader.keys), batches
-
-
-def rewrite(tar: Path, change) -> None:
-    """Rewrite a real tar through ``change(members)`` and index it again as DALI's wds2idx would."""
-    with tarfile.open(tar) as t:
-        members = [(m, t.extractfile(m).read()) for m in t]
-    with tarfile.open(tar, "w") as t:
-        for m, data in change(members):
-            m.size = len(data)
-            t.addfile(m, io.BytesIO(data))
-    tar.with_suffix(".idx").write_text("\n".join(dali_index_lines(tar)) + "\n")
 
 
 @pytest.fixture()
