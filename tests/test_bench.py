@@ -135,7 +135,8 @@ def test_oom_point_is_recorded_and_the_sweep_continues(tmp_path):
     status = [(r["batch"], r["status"]) for r in res["rows"]]
     assert status == [(4, "ok"), (1024, "oom"), (4, "ok")]
     oom = res["rows"][1]
-    assert "ceiling" in oom["note"] and oom["peak_mem_mb"] > ceiling
+    # the row keeps the peak to 0.1 MiB, so a crossing by less than that shows as equal once rounded
+    assert "ceiling" in oom["note"] and oom["peak_mem_mb"] >= round(ceiling, 1)
     saved = json.loads((out / "throughput.json").read_text())["results"]
     assert [r["status"] for r in saved] == ["ok", "oom", "ok"]
 
