@@ -123,14 +123,18 @@ class TimedIter:
 
 
 LOADER_OPTIONS = {
-    "torch": {"data": str},
-    "torchvision-gpu": {"data": str},
-    "dali": {"cpu_decode": bool, "prefetch": int, "hw_decoder_load": float, "data": str, "dont_use_mmap": bool},
-    "ffcv": {"os_cache": bool, "order": str, "write_mode": str, "prefetch": int, "max_resolution": int, "data": str},
+    "torch": {"data": str, "workers": int},
+    "torchvision-gpu": {"data": str, "workers": int},
+    "dali": {"cpu_decode": bool, "prefetch": int, "hw_decoder_load": float, "data": str, "dont_use_mmap": bool,
+             "workers": int},
+    "ffcv": {"os_cache": bool, "order": str, "write_mode": str, "prefetch": int, "max_resolution": int, "data": str,
+             "workers": int},
 }
 """Options a loader spec may carry. ``data=PATH`` reads another source than ``--data`` (e.g. the same
 images as tar shards: ``torch:data=data/fashion-mnist-shards``, ``dali:data=...``,
-``torchvision-gpu:data=...``), opened like ``--data``; ``dont_use_mmap`` is DALI's, for shards."""
+``torchvision-gpu:data=...``), opened like ``--data``; ``dont_use_mmap`` is DALI's, for shards;
+``workers=N`` overrides ``-j`` for that series (worker processes for torch, DALI's CPU threads, ...), so
+two thread counts can be compared in one run (``dali,dali:workers=1``)."""
 
 
 def _option_value(kind: type, text: str):
@@ -177,7 +181,8 @@ def make_loader(spec: str, batch: int, s: Settings):
     if name == "synthetic":
         return build_loader("synthetic", num_samples=batch * 1_000_000, size=s.image_size, pool=1, **common)
     source = s.sources[options.pop("data")] if "data" in options else s.images
-    return build_loader(name, source=source, aug=recipe(s.image_size), workers=s.workers, rank=s.rank,
+    workers = options.pop("workers", s.workers)
+    return build_loader(name, source=source, aug=recipe(s.image_size), workers=workers, rank=s.rank,
                         world_size=s.world_size, **common, **options)
 
 

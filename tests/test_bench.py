@@ -205,9 +205,28 @@ def test_loader_specs_name_constructor_options():
     assert parse_loader_spec("torch") == ("torch", {})
     assert parse_loader_spec("dali:cpu_decode=1:hw_decoder_load=0.9") == ("dali", {"cpu_decode": True, "hw_decoder_load": 0.9})
     assert parse_loader_spec("ffcv:os_cache=off:order=quasi_random") == ("ffcv", {"os_cache": False, "order": "quasi_random"})
-    for bad in ("dali:colour=1", "torch:workers=3", "ffcv:os_cache=maybe", "dali:hw_decoder_load=x", "dali:cpu_decode"):
+    assert parse_loader_spec("dali:workers=1") == ("dali", {"workers": 1})
+    for bad in ("dali:colour=1", "torch:threads=3", "torch:workers=two", "ffcv:os_cache=maybe", "dali:hw_decoder_load=x",
+                "dali:cpu_decode"):
         with pytest.raises(ValueError, match="loader spec"):
             parse_loader_spec(bad)
+
+
+def test_a_loader_specs_workers_override_the_runs(photo_folder, monkeypatch):
+    """``workers=N`` in a spec builds that series with N workers / DALI threads; the others keep ``-j``."""
+    import pipeline.backends.dali.loader as dali_loader
+    from bench.stages import Settings, make_loader
+    from bench.throughput import bench_images
+    threads = []  # num_threads of every DALI pipeline built (the real one, only recorded on its way)
+    real = dali_loader.simsiam_pipeline
+    monkeypatch.setattr(dali_loader, "simsiam_pipeline", lambda *a, **kw: threads.append(kw["num_threads"]) or real(*a, **kw))
+    s = Settings(device=torch.device("cpu"), image_size=16, workers=2, images=bench_images(str(photo_folder), 16, 0))
+    assert make_loader("torch", 4, s).loader.num_workers == 2
+    assert make_loader("torch:workers=0", 4, s).loader.num_workers == 0
+    for spec in ("dali:workers=1", "dali"):
+        batch = next(iter(make_loader(spec, 4, s)))
+        assert batch.view1.shape == (4, 3, 16, 16)
+    assert threads == [1, 2]
 
 
 def test_dali_cpu_decode_on_the_cpu_says_it_does_nothing(photo_folder):
