@@ -27,7 +27,7 @@ from model.loss import SimSiamLoss
 from model.precision import Precision
 from model.step import train_step
 from model.training import build_simsiam, recipe_sgd
-from pipeline import build_loader, recipe
+from pipeline import AugmentConfig, build_loader, recipe
 from pipeline.sources.imagefolder import ImageList
 
 from .memory import PeakMemory, is_oom, release_memory
@@ -69,6 +69,7 @@ class Settings:
     clock: Callable[[], float] = time.perf_counter
     sync_bn_kind: str = field(default="none")
     threads: int = field(default_factory=torch.get_num_threads)
+    aug: AugmentConfig | None = None  # the loaders' view augmentation; None: pipeline.recipe(image_size)
 
     @property
     def view_dtype(self) -> torch.dtype:
@@ -182,7 +183,7 @@ def make_loader(spec: str, batch: int, s: Settings):
         return build_loader("synthetic", num_samples=batch * 1_000_000, size=s.image_size, pool=1, **common)
     source = s.sources[options.pop("data")] if "data" in options else s.images
     workers = options.pop("workers", s.workers)
-    return build_loader(name, source=source, aug=recipe(s.image_size), workers=workers, rank=s.rank,
+    return build_loader(name, source=source, aug=s.aug or recipe(s.image_size), workers=workers, rank=s.rank,
                         world_size=s.world_size, **common, **options)
 
 

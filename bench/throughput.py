@@ -40,7 +40,9 @@ from bench.trust import (E2E_TOLERANCE, MAX_SPREAD_PCT, add_flag, beats_model, f
                          load_warning, too_spread, usable_cores)
 from model.backbones import ARCHS  # noqa: E402
 from model.precision import AMP_MODES  # noqa: E402
-from pipeline import LOADERS  # noqa: E402
+from pipeline import LOADERS, AugmentConfig, recipe  # noqa: E402
+import train  # noqa: E402  (the recipes of --recipe, as bench/ablations.py reads them)
+from train import RECIPES  # noqa: E402
 from model.distributed import DistContext, destroy, init_from_env, launched_by_torchrun  # noqa: E402
 from pipeline.sources import open_source  # noqa: E402
 from pipeline.sources.imagefolder import scan_image_folder  # noqa: E402
@@ -88,11 +90,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     m = p.add_argument_group("matrix")
     m.add_argument("-a", "--arch", choices=ARCHS, default=None, help="default resnet18 (CPU), resnet50 (GPU)")
     m.add_argument("--image-size", type=int, default=None, help="view side in px; default 32 (CPU), 224 (GPU)")
-    m.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=False,
+    m.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="the head, batch size and augmentation of train.py --recipe NAME (explicit flags win); "
+                        "--recipe fmnist --image-size 28 measures the default run's own settings")
+    m.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stem without max-pool (paper's CIFAR setting); off by default, as in train.py")
     m.add_argument("--dim", type=int, default=None, help="projector width (default 2048)")
     m.add_argument("--pred-dim", type=int, default=None, help="predictor bottleneck (default 512)")
-    m.add_argument("--proj-layers", type=int, choices=(2, 3), default=3, help="projector depth (train.py --proj-layers)")
+    m.add_argument("--proj-layers", type=int, choices=(2, 3), default=None,
+                   help="projector depth (train.py --proj-layers; default 3)")
     m.add_argument("--amp", choices=AMP_MODES, default="off")
     m.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last model and views (default: on for CUDA, off for CPU)")
@@ -148,9 +154,12 @@ def resolve(args: argparse.Namespace, device: torch.device, world_size: int = 1)
     else:  # 2-core CPUs do ~30 images/s at 32 px: one warm-up step, >= 128 images per window
         base = dict(arch="resnet18", image_size=32, warmup=1, repeats=3, min_images=128, min_steps=1)
     base.update(batch_sizes=DEFAULT_BATCHES, loaders=",".join(REAL_LOADERS), num_images=None, dim=2048,
-                pred_dim=512, loader_min_steps=10, workers=2)
+                pred_dim=512, proj_layers=3, small_stem=False, loader_min_steps=10, workers=2)
     if args.quick:
         base.update(QUICK)
+    if args.recipe is not None:
+        r = RECIPES[args.recipe]
+        base.update({k: r[k] for k in ("small_stem", "proj_layers", "dim", "pred_dim")}, batch_sizes=[r["batch_size"]])
     for k, v in base.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -167,6 +176,15 @@ def resolve(args: argparse.Namespace, device: torch.device, world_size: int = 1)
     if args.num_images is None:
         args.num_images = 2 * max(args.batch_sizes) * world_size
     return args
+
+
+def recipe_augmentation(name: str | None, size: int) -> AugmentConfig:
+    """The view augmentation of ``train.py --recipe name`` at ``size`` px (``None``: the ImageNet-style
+    :func:`pipeline.recipe`, this harness's augmentation before recipes existed)."""
+    if name is None:
+        return recipe(size)
+    keys = train.RECIPE_KEYS["augmentation"]
+    return train.augment_config(argparse.Namespace(image_size=size, **{k: RECIPES[name][k] for k in keys}))
 
 
 def bench_images(data: str, num_images: int, seed: int):
@@ -390,7 +408,8 @@ def _run(args: argparse.Namespace, ctx: DistContext, t_start: float) -> dict:
                  sync_bn=args.sync_bn, compile=args.compile, workers=args.workers, warmup=args.warmup,
                  repeats=args.repeats, min_images=args.min_images, min_steps=args.min_steps,
                  loader_min_steps=args.loader_min_steps, accum=args.accum,
-                 seed=args.seed, memory_ceiling_mb=args.memory_ceiling, budget_s=args.budget_s)
+                 seed=args.seed, memory_ceiling_mb=args.memory_ceiling, budget_s=args.budget_s,
+                 aug=recipe_augmentation(args.recipe, args.image_size))
     env = environment(device)
     batches = args.batch_sizes
     unavailable: dict[str, str] = {}
@@ -414,7 +433,7 @@ def _run(args: argparse.Namespace, ctx: DistContext, t_start: float) -> dict:
             else:
                 unavailable[spec] = why
                 say(f"loader {spec}: unavailable ({why})")
-    config = {k: getattr(args, k) for k in ("arch", "image_size", "small_stem", "dim", "pred_dim", "proj_layers", "amp",
+    config = {k: getattr(args, k) for k in ("recipe", "arch", "image_size", "small_stem", "dim", "pred_dim", "proj_layers", "amp",
                                             "channels_last", "sync_bn", "compile", "workers", "accum", "warmup",
                                             "repeats", "min_images", "min_steps", "loader_min_steps", "budget_s", "memory_ceiling",
                                             "batch_sizes", "stages", "quick", "seed", "max_spread", "remeasure",

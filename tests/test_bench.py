@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from pipeline import build_loader
+from pipeline import build_loader, recipe
 from bench import throughput, trace_summary
 from bench.memory import MemoryCeilingExceeded, is_oom, rss_mb
 from bench.stages import TimedIter
@@ -122,6 +122,44 @@ def test_quick_run_writes_table_json_csv_png(photo_folder, tmp_path, capsys):
     prof = data["profile"]
     assert prof["status"] == "ok" and prof["verdict"].startswith("verdict:")
     assert (out / "profile" / "trace.json").exists() and list((out / "profile" / "tb").glob("*.pt.trace.json"))
+
+
+def test_recipe_measures_the_training_recipes_head_batch_and_views(photo_folder, tmp_path, monkeypatch):
+    """``--recipe fmnist`` benchmarks what ``train.py --recipe fmnist`` trains: its head, its batch and its
+    augmentation reach the model and the loaders; an explicit flag still wins."""
+    from bench import stages
+    fmnist = train.RECIPES["fmnist"]
+    cpu = torch.device("cpu")
+    args = throughput.resolve(throughput.parse_args(["--recipe", "fmnist"]), cpu)
+    assert (args.batch_sizes, args.dim, args.pred_dim, args.proj_layers, args.small_stem) == (
+        [fmnist["batch_size"]], fmnist["dim"], fmnist["pred_dim"], fmnist["proj_layers"], fmnist["small_stem"])
+    plain = throughput.resolve(throughput.parse_args([]), cpu)
+    assert (plain.dim, plain.pred_dim, plain.proj_layers, plain.small_stem) == (2048, 512, 3, False)
+
+    seen = {}  # what the real loaders and the real model were built with
+    real_build, real_trainer = stages.build_loader, stages.Trainer.__init__
+
+    def build_loader_(name, **kw):
+        seen[name] = kw["aug"]
+        return real_build(name, **kw)
+
+    def trainer(self, s, ctx=None):
+        real_trainer(self, s, ctx)
+        seen["model"] = self.model
+    monkeypatch.setattr(stages, "build_loader", build_loader_)
+    monkeypatch.setattr(stages.Trainer, "__init__", trainer)
+    out = tmp_path / "fmnist"
+    throughput.main(["--recipe", "fmnist", "--image-size", "16", "--pred-dim", "64", "--batch-sizes", "8",
+                     "--stages", "e2e", "--loaders", "torch", "--data", str(photo_folder), "--warmup", "0",
+                     "--repeats", "1", "--min-images", "8", "--budget-s", "0", "--out", str(out)])
+    cfg = json.loads((out / "throughput.json").read_text())["config"]
+    assert cfg["recipe"] == "fmnist" and cfg["batch_sizes"] == [8] and cfg["pred_dim"] == 64
+    linears = [m for m in seen["model"].projector.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == fmnist["proj_layers"] and linears[-1].out_features == fmnist["dim"]
+    aug = seen["torch"]
+    assert (aug.size, aug.crop_scale, aug.grayscale_p, aug.blur_p) == (16, (fmnist["min_crop_scale"], 1.0), 0.0, 0.0)
+    assert (aug.brightness, aug.contrast, aug.saturation, aug.hue) == fmnist["jitter"]
+    assert throughput.recipe_augmentation(None, 16) == recipe(16) != aug  # no --recipe: the harness's own
 
 
 # ---------------------------------------------------------------------------- OOM: recorded, sweep goes on
