@@ -233,6 +233,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--dali-cpu-decode", action="store_true",
                    help="--loader dali on a GPU: decode JPEGs on the CPU, augment on the GPU")
     d.add_argument("--dali-prefetch", type=int, default=2, help="--loader dali: batches DALI prepares ahead")
+    d.add_argument("--dali-overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="--loader dali: prepare batches beside the training step (pipelined, --dali-prefetch deep) "
+                        "or serially between steps (default: beside it on a GPU; between steps on the CPU, "
+                        "where the step keeps every core busy)")
     d.add_argument("--dali-hw-decoder-load", type=float, default=None,
                    help="--loader dali on a GPU: share of JPEGs sent to the hardware decoder (default: DALI's 0.65)")
     d.add_argument("--dali-no-mmap", action="store_true",
@@ -509,7 +513,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict:
                 extra = dict(beton=args.ffcv_beton, order=args.ffcv_order, os_cache=args.ffcv_os_cache,
                              max_resolution=args.ffcv_max_resolution, write_mode=args.ffcv_write_mode)
             elif args.loader == "dali":
-                extra = dict(cpu_decode=args.dali_cpu_decode, prefetch=args.dali_prefetch)
+                extra = dict(cpu_decode=args.dali_cpu_decode, prefetch=args.dali_prefetch, overlap=args.dali_overlap)
                 if args.dali_hw_decoder_load is not None:
                     extra["hw_decoder_load"] = args.dali_hw_decoder_load
             if isinstance(train_images, ShardSource) and args.loader != "ffcv":

@@ -9,6 +9,7 @@ batch, accum       images per batch; batches per optimiser step (gradient accumu
 status             ``ok``, ``oom``, ``skipped`` (over the time budget or batch > images), ``error``
 images_per_s       median over repeats of images (view pairs) per second; ``_min``/``_max``
 spread_pct         ``100 (max - min) / median`` of images/s over repeats
+window_images_per_s  images/s of each timed window, in order (JSON only)
 views_per_s        2 × images_per_s
 step_s             median seconds per optimiser step (per batch for loader-only)
 data_wait_share    end-to-end: share of the timed time spent waiting for the next batch

@@ -127,7 +127,7 @@ LOADER_OPTIONS = {
     "torch": {"data": str, "workers": int},
     "torchvision-gpu": {"data": str, "workers": int},
     "dali": {"cpu_decode": bool, "prefetch": int, "hw_decoder_load": float, "data": str, "dont_use_mmap": bool,
-             "workers": int},
+             "workers": int, "overlap": bool},
     "ffcv": {"os_cache": bool, "order": str, "write_mode": str, "prefetch": int, "max_resolution": int, "data": str,
              "workers": int},
 }
@@ -316,5 +316,5 @@ def run_point(stage: str, loader_name: str, batch: int, s: Settings, trainer: Tr
     row.update(images_per_s=ips.median, images_per_s_min=ips.min, images_per_s_max=ips.max,
                spread_pct=ips.spread_pct, views_per_s=2 * ips.median, step_s=step_s.median,
                data_wait_share=(sum(w.data_s for w in windows) / total) if stage == "e2e" else None,
-               timed_s=total)
+               timed_s=total, window_images_per_s=[round(w.images_per_s, 2) for w in windows])
     return row

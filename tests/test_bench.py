@@ -105,6 +105,8 @@ def test_quick_run_writes_table_json_csv_png(photo_folder, tmp_path, capsys):
         assert r["status"] == "ok", r
         assert r["images_per_s"] > 0 and r["views_per_s"] == pytest.approx(2 * r["images_per_s"])
         assert r["images_per_s_min"] <= r["images_per_s"] <= r["images_per_s_max"]
+        assert len(r["window_images_per_s"]) == r["repeats"]
+        assert min(r["window_images_per_s"]) == pytest.approx(r["images_per_s_min"], abs=0.01)
         assert r["peak_mem_mb"] > 50 and r["mem_kind"] == "process_rss"
         # images/s = images / time: the median step time lies between batch / max and batch / min images/s
         eb = r["effective_batch"]

@@ -111,8 +111,31 @@ def test_exact_batch_count_over_epochs(fmnist_slice):
         build_loader("dali", train, recipe(16), batch_size=301)
 
 
-def test_held_batch_is_not_overwritten(fmnist_slice):
-    loader = build_loader("dali", fmnist_slice / "train", recipe(16), batch_size=32, workers=2, prefetch=2)
+def test_serial_and_overlapped_dali_deliver_the_same_batches(fmnist_slice, monkeypatch):
+    """On the CPU DALI runs serially by default (synchronous, one batch deep); ``overlap=True`` gives
+    DALI's pipelined executor. Both read the same images with the same augmentation draws."""
+    import pipeline.backends.dali.loader as dali_loader
+    built = []  # the executor keywords of every real pipeline built
+    real = dali_loader.simsiam_pipeline
+    monkeypatch.setattr(dali_loader, "simsiam_pipeline", lambda *a, **kw: built.append(
+        {k: kw[k] for k in ("exec_async", "exec_pipelined", "prefetch_queue_depth")}) or real(*a, **kw))
+    train = scan_image_folder(fmnist_slice / "train")
+    epochs = {}
+    for overlap in (None, True):
+        loader = build_loader("dali", train, recipe(16), batch_size=64, workers=2, seed=3, prefetch=3, overlap=overlap)
+        loader.set_epoch(1)
+        epochs[overlap] = list(loader)
+    assert built == [dict(exec_async=False, exec_pipelined=False, prefetch_queue_depth=1),
+                     dict(exec_async=True, exec_pipelined=True, prefetch_queue_depth=3)]
+    assert len(epochs[None]) == len(epochs[True]) == 4
+    for a, b in zip(epochs[None], epochs[True]):
+        assert torch.equal(a.label, b.label) and torch.equal(a.view1, b.view1) and torch.equal(a.view2, b.view2)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_held_batch_is_not_overwritten(fmnist_slice, overlap):
+    loader = build_loader("dali", fmnist_slice / "train", recipe(16), batch_size=32, workers=2, prefetch=2,
+                          overlap=overlap)
     it = iter(loader)
     first = next(it)
     saved = [t.clone() for t in first]

@@ -82,10 +82,12 @@ def dali_placement(device: torch.device, cpu_decode: bool = False) -> tuple[int 
     return index, ("cpu" if cpu_decode else "mixed"), "gpu"
 
 
-def configure_dali(backend: Backend, feed: Feed, cpu_decode: bool, hw_decoder_load: float | None) -> None:
+def configure_dali(backend: Backend, feed: Feed, cpu_decode: bool, hw_decoder_load: float | None,
+                   overlap: bool | None = None) -> None:
     """Set what every DALI backend decides from its feed and options: ``device_id``,
     ``decode_device``, ``op_device`` (:func:`dali_placement`), ``hw_decoder_load``, ``workers``
-    (DALI CPU threads, at least 1) and ``prefetch`` (DALI's ``prefetch_queue_depth``, default 2).
+    (DALI CPU threads, at least 1), ``prefetch`` (DALI's ``prefetch_queue_depth``, default 2) and
+    ``overlap`` (None: overlap on a GPU device, serial on the CPU; see :func:`executor_args`).
 
     Warns:
         UserWarning: ``cpu_decode`` with a CPU device (it changes nothing).
@@ -101,6 +103,22 @@ def configure_dali(backend: Backend, feed: Feed, cpu_decode: bool, hw_decoder_lo
         raise ValueError(f"hw_decoder_load must be a share in [0, 1], got {hw_decoder_load}")
     backend.hw_decoder_load = hw_decoder_load
     backend.workers, backend.prefetch = max(1, feed.workers), feed.prefetch_or(2)
+    backend.overlap = backend.device.type == "cuda" if overlap is None else bool(overlap)
+
+
+def executor_args(backend: Backend) -> dict:
+    """``pipeline_def`` keywords for how DALI runs beside the training step.
+
+    ``backend.overlap`` True: DALI's default, pipelined and asynchronous, ``prefetch`` batches ahead: its
+    threads prepare the next batches while the step runs, which is what a GPU step leaves the CPU free
+    for. False: synchronous, one batch deep: each batch is made inside the ``next()`` that asks for it,
+    on DALI's threads, while the step waits. When the step itself runs on the CPU it already keeps every
+    core busy, and DALI's threads running beside it slow it by more than they save (the step's OpenMP
+    threads wait for the one DALI pre-empted): measured in docs/default-run.md ("Is it input-bound?").
+    """
+    if backend.overlap:
+        return dict(exec_async=True, exec_pipelined=True, prefetch_queue_depth=backend.prefetch)
+    return dict(exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
 
 
 def delivered_view(x: torch.Tensor, backend: Backend) -> torch.Tensor:
@@ -162,6 +180,8 @@ class DaliLoader(Backend):
             CPU ``device`` everything already runs on the CPU: a warning says the option does nothing.
         hw_decoder_load: GPU (``mixed``) decoding only: the share of images for the hardware JPEG
             decoder, in [0, 1] (None: ``MIXED_DECODER_ARGS``'s; see :mod:`pipeline.backends.dali.graph`).
+        overlap: run DALI beside the training step (pipelined, asynchronous, ``prefetch`` deep) or
+            serially inside ``next()``; None: beside it on a GPU, serially on the CPU (:func:`executor_args`).
 
     Yields:
         :class:`TwoViewBatch`: views ``(B, 3, S, S)``, label ``(B,)`` int64, all on ``device``.
@@ -183,10 +203,10 @@ class DaliLoader(Backend):
     name = "dali"
 
     def __init__(self, source, aug: AugmentConfig, feed: Feed, cpu_decode: bool = False,
-                 hw_decoder_load: float | None = None):
+                 hw_decoder_load: float | None = None, overlap: bool | None = None):
         super().__init__(image_list(source, self.name), aug, feed)
         self.images = self.source
-        configure_dali(self, feed, cpu_decode, hw_decoder_load)
+        configure_dali(self, feed, cpu_decode, hw_decoder_load, overlap)
         self.num_samples = len(self.images) // self.world_size
         self._len = check_batch_size(self.batch_size, self.num_samples, f"shard {self.rank} of {self.images.root}")
         self.paths, self.converted = dali_sources(self.images)
@@ -211,8 +231,7 @@ class DaliLoader(Backend):
             files, labels, self.aug, self.decode_device, self.op_device,
             "HWC" if self.channels_last else "CHW", out_dtype, self.hw_decoder_load,
             batch_size=self.batch_size, num_threads=self.workers, device_id=self.device_id,
-            seed=epoch_seed(self.seed, self.epoch, self.rank) % 2**31,
-            prefetch_queue_depth=self.prefetch)
+            seed=epoch_seed(self.seed, self.epoch, self.rank) % 2**31, **executor_args(self))
         pipe.build()
         return DALIGenericIterator(pipe, ["view1", "view2", "label"], reader_name=READER,
                                    last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)

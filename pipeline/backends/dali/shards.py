@@ -71,7 +71,7 @@ from ...sampling import check_batch_size, epoch_seed
 from ...sources.shards import IMAGE_EXTS, ReaderPlan, ShardSource
 from ..base import Backend
 from .graph import READER, first_undecodable_bytes, simsiam_shard_pipeline
-from .loader import DaliDecodeError, _is_input_error, configure_dali, delivered_view
+from .loader import DaliDecodeError, _is_input_error, configure_dali, delivered_view, executor_args
 
 REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://")
 EMPTY_PIECES = 64
@@ -260,7 +260,7 @@ class DaliShardLoader(Backend):
         aug: augmentation parameters.
         feed: as :class:`~pipeline.backends.dali.loader.DaliLoader` (device and placement, DALI
             threads, prefetch, layout, dtype, seed, rank, world size).
-        cpu_decode, hw_decoder_load: as :class:`~pipeline.backends.dali.loader.DaliLoader`.
+        cpu_decode, hw_decoder_load, overlap: as :class:`~pipeline.backends.dali.loader.DaliLoader`.
         dont_use_mmap: DALI reads the tars with plain reads instead of mapping them (network
             filesystems).
         skip_log: file the sample that stopped DALI is appended to (``shard \\t key \\t reason``).
@@ -284,9 +284,9 @@ class DaliShardLoader(Backend):
 
     def __init__(self, source: ShardSource, aug: AugmentConfig, feed: Feed, cpu_decode: bool = False,
                  hw_decoder_load: float | None = None, dont_use_mmap: bool = False,
-                 skip_log: str | Path | None = None, record_keys: bool = False):
+                 skip_log: str | Path | None = None, record_keys: bool = False, overlap: bool | None = None):
         super().__init__(source, aug, feed)
-        configure_dali(self, feed, cpu_decode, hw_decoder_load)
+        configure_dali(self, feed, cpu_decode, hw_decoder_load, overlap)
         missing = [t for t in (local_tar(u) for u, _ in source.shards) if not index_of(t).is_file()]
         if missing:
             raise ValueError(f"--loader dali needs DALI's index beside each shard; {len(missing)} of {len(source.shards)} "
@@ -320,7 +320,7 @@ class DaliShardLoader(Backend):
             paths, index_paths, self.aug, self.decode_device, self.op_device, "HWC" if self.channels_last else "CHW",
             "float16" if self.dtype == torch.float16 else "float32", self.hw_decoder_load, self.dont_use_mmap,
             batch_size=self.batch_size, num_threads=self.workers, device_id=self.device_id,
-            seed=epoch_seed(self.seed, self.epoch, self.rank) % 2**31, prefetch_queue_depth=self.prefetch)
+            seed=epoch_seed(self.seed, self.epoch, self.rank) % 2**31, **executor_args(self))
         pipe.build()
         return DALIGenericIterator(pipe, ["view1", "view2", "label"], reader_name=READER,
                                    last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
