@@ -234,9 +234,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--loader dali on a GPU: decode JPEGs on the CPU, augment on the GPU")
     d.add_argument("--dali-prefetch", type=int, default=2, help="--loader dali: batches DALI prepares ahead")
     d.add_argument("--dali-overlap", action=argparse.BooleanOptionalAction, default=None,
-                   help="--loader dali: prepare batches beside the training step (pipelined, --dali-prefetch deep) "
-                        "or serially between steps (default: beside it on a GPU; between steps on the CPU, "
-                        "where the step keeps every core busy)")
+                   help="--loader dali: prepare batches beside the training step (pipelined, --dali-prefetch deep; "
+                        "the default: DALI's own) or serially, inside the step's wait for its batch")
     d.add_argument("--dali-hw-decoder-load", type=float, default=None,
                    help="--loader dali on a GPU: share of JPEGs sent to the hardware decoder (default: DALI's 0.65)")
     d.add_argument("--dali-no-mmap", action="store_true",

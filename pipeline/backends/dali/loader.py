@@ -87,7 +87,7 @@ def configure_dali(backend: Backend, feed: Feed, cpu_decode: bool, hw_decoder_lo
     """Set what every DALI backend decides from its feed and options: ``device_id``,
     ``decode_device``, ``op_device`` (:func:`dali_placement`), ``hw_decoder_load``, ``workers``
     (DALI CPU threads, at least 1), ``prefetch`` (DALI's ``prefetch_queue_depth``, default 2) and
-    ``overlap`` (None: overlap on a GPU device, serial on the CPU; see :func:`executor_args`).
+    ``overlap`` (None: overlap, DALI's default; see :func:`executor_args`).
 
     Warns:
         UserWarning: ``cpu_decode`` with a CPU device (it changes nothing).
@@ -103,18 +103,18 @@ def configure_dali(backend: Backend, feed: Feed, cpu_decode: bool, hw_decoder_lo
         raise ValueError(f"hw_decoder_load must be a share in [0, 1], got {hw_decoder_load}")
     backend.hw_decoder_load = hw_decoder_load
     backend.workers, backend.prefetch = max(1, feed.workers), feed.prefetch_or(2)
-    backend.overlap = backend.device.type == "cuda" if overlap is None else bool(overlap)
+    backend.overlap = True if overlap is None else bool(overlap)
 
 
 def executor_args(backend: Backend) -> dict:
     """``pipeline_def`` keywords for how DALI runs beside the training step.
 
     ``backend.overlap`` True: DALI's default, pipelined and asynchronous, ``prefetch`` batches ahead: its
-    threads prepare the next batches while the step runs, which is what a GPU step leaves the CPU free
-    for. False: synchronous, one batch deep: each batch is made inside the ``next()`` that asks for it,
-    on DALI's threads, while the step waits. When the step itself runs on the CPU it already keeps every
-    core busy, and DALI's threads running beside it slow it by more than they save (the step's OpenMP
-    threads wait for the one DALI pre-empted): measured in docs/default-run.md ("Is it input-bound?").
+    threads prepare the next batches while the step runs. False: synchronous, one batch deep: each batch
+    is made inside the ``next()`` that asks for it, on DALI's threads, while the step waits. Both give the
+    same batches. On a CPU step, which keeps every core busy, serial was tried as a cure for DALI's threads
+    competing with the step and was slower (docs/default-run.md, "Is it input-bound?"): overlap stays
+    the default everywhere.
     """
     if backend.overlap:
         return dict(exec_async=True, exec_pipelined=True, prefetch_queue_depth=backend.prefetch)
@@ -180,8 +180,8 @@ class DaliLoader(Backend):
             CPU ``device`` everything already runs on the CPU: a warning says the option does nothing.
         hw_decoder_load: GPU (``mixed``) decoding only: the share of images for the hardware JPEG
             decoder, in [0, 1] (None: ``MIXED_DECODER_ARGS``'s; see :mod:`pipeline.backends.dali.graph`).
-        overlap: run DALI beside the training step (pipelined, asynchronous, ``prefetch`` deep) or
-            serially inside ``next()``; None: beside it on a GPU, serially on the CPU (:func:`executor_args`).
+        overlap: run DALI beside the training step (pipelined, asynchronous, ``prefetch`` deep; None, the
+            default) or serially inside ``next()`` (:func:`executor_args`).
 
     Yields:
         :class:`TwoViewBatch`: views ``(B, 3, S, S)``, label ``(B,)`` int64, all on ``device``.
